@@ -1,0 +1,62 @@
+"""`attention(q, k, v, ...)`: the one function the model calls."""
+from __future__ import annotations
+
+import jax
+
+from kernels import masks, reference
+
+BACKENDS = ("tpu", "gpu", "cudnn", "reference")
+
+
+def default_backend():
+  """The best backend for the platform JAX runs on."""
+  platform = jax.devices()[0].platform
+  if platform == "tpu":
+    return "tpu"
+  if platform == "gpu":
+    return "gpu"
+  return "reference"
+
+
+def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=None,
+              backend=None, interpret=False, **block_sizes):
+  """Causal self-attention over [batch, seq, heads, head_dim].
+
+  window=None is dense causal; window=W is banded causal (key j visible from
+  query i iff j <= i and i - j < W). segment_ids [batch, seq] keeps packed
+  documents apart. `interpret` runs the Pallas kernels in interpret mode
+  (True, or a `pltpu.InterpretParams` for the TPU kernels) so they run on CPU.
+  """
+  if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"q, k, v must all be [batch, seq, heads, head_dim]; got "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  if not causal and window is not None:
+    raise ValueError("window requires causal=True")
+  masks.check_window(window)
+  if window is not None and window >= q.shape[1]:
+    window = None  # a band as wide as the sequence is the dense causal mask
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
+  backend = backend or default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+  if backend == "reference":
+    return reference.attention(q, k, v, causal=causal, window=window,
+                               segment_ids=segment_ids, sm_scale=sm_scale)
+  if backend == "cudnn":
+    return _cudnn(q, k, v, causal, window, segment_ids, sm_scale)
+  if backend == "tpu":
+    from kernels import tpu
+    return tpu.attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+                         sm_scale=sm_scale, interpret=interpret, **block_sizes)
+  from kernels import gpu
+  return gpu.attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+                       sm_scale=sm_scale, interpret=interpret, **block_sizes)
+
+
+def _cudnn(q, k, v, causal, window, segment_ids, sm_scale):
+  if segment_ids is not None:
+    raise ValueError("the cudnn backend does not take segment_ids here; use 'gpu'")
+  local = None if window is None else (window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                      local_window_size=local, implementation="cudnn")

@@ -1,0 +1,22 @@
+# Sourced by the launch scripts: create .venv when missing and install paxgpt
+# (editable, so gin/ and launch/ are used from the checkout) with EXTRAS.
+# Re-installs only when pyproject.toml changed since the last install.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+EXTRAS="${EXTRAS:-}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.paxgpt-installed${EXTRAS:+-$EXTRAS}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "== installing paxgpt${EXTRAS:+[$EXTRAS]} into .venv (first time: several minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  .venv/bin/python -m pip check
+  touch "$stamp"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs paxgpt[test] into .venv when
+# needed, then runs pytest over tests/ on a fake 8-device CPU mesh.
+# Extra arguments go to pytest (e.g. bash launch/test.sh -k model).
+set -euo pipefail
+EXTRAS=test source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+set +e
+python -m pytest -q -ra --durations=15 "$@" tests
+status=$?
+set -e
+[ "$status" -eq 5 ] && { echo "no tests ran"; exit 1; }
+exit "$status"

@@ -1,0 +1,76 @@
+"""`paxgpt info`: a model's size, FLOPs and per-device bytes, without weights."""
+from __future__ import annotations
+
+import json
+
+from jax.sharding import AbstractMesh
+
+from paxgpt import accounting, model, sharding
+
+
+def describe(config, axis_sizes, seq_len=None):
+  """The figures `paxgpt info` prints, as a dict (all from abstract shapes)."""
+  variables = model.abstract_variables(config)
+  total, non_embedding = accounting.param_counts(variables)
+  per_device, replicated = accounting.bytes_per_device(variables, axis_sizes)
+  seq_len = seq_len or config.max_len
+  return {
+      "params": total,
+      "params_non_embedding": non_embedding,
+      "flops_per_token": accounting.flops_per_token(config, non_embedding, seq_len),
+      "seq_len": seq_len,
+      "mesh": dict(axis_sizes),
+      "param_bytes_per_device": per_device,
+      "unsharded_param_fraction": replicated,
+      "num_layers": config.num_layers,
+      "d_model": config.d_model,
+      "num_heads": config.num_heads,
+      "head_dim": config.head_dim,
+      "d_ff": config.d_ff,
+      "vocab_size": config.vocab_size,
+      "padded_vocab_size": config.padded_vocab_size,
+      "attention_pattern": list(config.attention_pattern),
+      "window": config.window,
+  }
+
+
+def check_model_on_mesh(config, axis_sizes):
+  """The model's sharded dimensions must divide their mesh axes."""
+  part = sharding.Partitioner(AbstractMesh(tuple(axis_sizes.values()), tuple(axis_sizes)))
+  part.check_divisible("num_heads", config.num_heads, "heads")
+  part.check_divisible("d_ff", config.d_ff, "mlp")
+  part.check_divisible("padded vocab size", config.padded_vocab_size, "vocab")
+
+
+def mesh_axis_sizes(mesh_flag, num_devices=None):
+  """Axis sizes from --mesh; a -1 is resolved against the visible devices."""
+  import jax
+  requested = dict(data=1, fsdp=-1, tensor=1)
+  requested.update(sharding.parse_mesh_flag(mesh_flag or ""))
+  if -1 in requested.values():
+    num_devices = num_devices or jax.device_count()
+  else:
+    num_devices = num_devices or requested["data"] * requested["fsdp"] * requested["tensor"]
+  sizes = sharding.resolve_mesh_shape(num_devices, **requested)
+  return dict(zip(sharding.MESH_AXES, sizes))
+
+
+def info_command(args):
+  config = model.GPTConfig()
+  axis_sizes = mesh_axis_sizes(args.mesh)
+  check_model_on_mesh(config, axis_sizes)
+  report = describe(config, axis_sizes, args.seq_len)
+  if args.json:
+    print(json.dumps(report))
+    return 0
+  print(f"GPT: {config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads "
+        f"x {config.head_dim}, d_ff {config.d_ff}, vocab {config.vocab_size} "
+        f"(padded {config.padded_vocab_size}), attention {'/'.join(config.attention_pattern)} "
+        f"(W={config.window})")
+  print(f"parameters:            {report['params']:,} "
+        f"({report['params_non_embedding']:,} non-embedding)")
+  print(f"training FLOPs/token:  {report['flops_per_token']:.4g} at length {report['seq_len']}")
+  mesh = ",".join(f"{k}:{v}" for k, v in axis_sizes.items())
+  print(f"param bytes/device:    {report['param_bytes_per_device'] / 2**30:.3f} GiB on mesh {mesh}")
+  print(f"replicated fraction:   {report['unsharded_param_fraction']:.4f}")
+  return 0

@@ -1,0 +1,293 @@
+"""The GPT-3 decoder (Brown et al. 2020) in Flax, with logical axis names.
+
+Token + learned position embeddings, pre-LayerNorm blocks of causal
+self-attention and a GELU MLP (d_ff = 4 d_model), a final LayerNorm, and
+logits tied to the token embedding. Layers alternate dense and locally banded
+causal attention following `attention_pattern`; the stack is an `nn.scan` over
+*periods* of that pattern, so the scanned body is homogeneous and compile time
+does not grow with depth.
+
+Every parameter carries logical axis names (see paxgpt/sharding.py) and every
+activation at a layer boundary is constrained by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+import kernels
+from paxgpt import sharding
+
+ATTENTION_KINDS = ("dense", "banded")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+# Logit for the embedding's padding rows: never the argmax, never sampled,
+# and finite so that cross-entropy and temperature scaling stay NaN-free.
+PADDING_LOGIT = -1e9
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads",
+                         "activation_kv")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Shape and numerics of a GPT-3 decoder (GPT-3 Table 2.1 sizes in gin/models)."""
+  vocab_size: int = 50257
+  num_layers: int = 12
+  d_model: int = 768
+  num_heads: int = 12
+  head_dim: int | None = None  # default d_model // num_heads
+  d_ff: int | None = None  # default 4 * d_model
+  max_len: int = 2048
+  vocab_pad_multiple: int = 128
+  attention_pattern: tuple = ("dense", "banded")
+  window: int = 256
+  dropout_rate: float = 0.0
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+  attention_backend: str | None = None
+  attention_interpret: bool = False
+  layer_norm_epsilon: float = 1e-5
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    pattern = tuple(self.attention_pattern)
+    object.__setattr__(self, "attention_pattern", pattern)
+    if self.head_dim is None:
+      if self.d_model % self.num_heads:
+        raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
+                         f"{self.num_heads}; set head_dim")
+      object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+    if self.d_ff is None:
+      object.__setattr__(self, "d_ff", 4 * self.d_model)
+    bad = [k for k in pattern if k not in ATTENTION_KINDS]
+    if not pattern or bad:
+      raise ValueError(f"attention_pattern={pattern!r}: each entry must be one of "
+                       f"{ATTENTION_KINDS}")
+    if self.num_layers % len(pattern):
+      raise ValueError(f"num_layers={self.num_layers} is not a multiple of the attention "
+                       f"pattern's length {len(pattern)} ({pattern})")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if self.attention_backend not in (None,) + kernels.BACKENDS:
+      raise ValueError(f"attention_backend={self.attention_backend!r} is not one of "
+                       f"{kernels.BACKENDS} or None")
+    if self.window < 1:
+      raise ValueError(f"window={self.window} must be positive")
+    for name in ("dtype", "param_dtype"):
+      jnp.dtype(getattr(self, name))  # raises TypeError naming the bad dtype
+
+  @property
+  def padded_vocab_size(self):
+    m = self.vocab_pad_multiple
+    return -(-self.vocab_size // m) * m
+
+  @property
+  def num_periods(self):
+    return self.num_layers // len(self.attention_pattern)
+
+  def layer_window(self, kind):
+    return self.window if kind == "banded" else None
+
+
+def _init(std, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def _ones(axes):
+  return nn.with_logical_partitioning(nn.initializers.ones, axes)
+
+
+def _constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+class LayerNorm(nn.Module):
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, scale_init=_ones(("embed",)),
+                        bias_init=_zeros(("embed",)))(x)
+
+
+def attend(q, k, v, segment_ids, *, window, backend, interpret):
+  """Causal attention through kernels/, one shard per device for the Pallas backends."""
+  call = functools.partial(kernels.attention, causal=True, window=window, backend=backend,
+                           interpret=interpret)
+  if backend in ("tpu", "gpu"):
+    if segment_ids is None:
+      fn = sharding.shard_map_logical(lambda q, k, v: call(q, k, v), (BATCH_LENGTH_HEADS_KV,) * 3,
+                                      BATCH_LENGTH_HEADS_KV)
+      return fn(q, k, v)
+    fn = sharding.shard_map_logical(
+        lambda q, k, v, s: call(q, k, v, segment_ids=s),
+        (BATCH_LENGTH_HEADS_KV,) * 3 + (("activation_batch", "activation_length"),),
+        BATCH_LENGTH_HEADS_KV)
+    return fn(q, k, v, segment_ids)
+  return call(q, k, v, segment_ids=segment_ids)
+
+
+class SelfAttention(nn.Module):
+  config: GPTConfig
+  kind: str  # 'dense' or 'banded'
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    cfg = self.config
+    heads = (cfg.num_heads, cfg.head_dim)
+
+    def project(name):
+      w = self.param(f"{name}_kernel", _init(cfg.init_std, ("embed", "heads", "kv")),
+                     (cfg.d_model,) + heads, cfg.param_dtype)
+      b = self.param(f"{name}_bias", _zeros(("heads", "kv")), heads, cfg.param_dtype)
+      y = jnp.einsum("bld,dhk->blhk", x, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
+      return _constrain(y, BATCH_LENGTH_HEADS_KV)
+
+    q, k, v = project("query"), project("key"), project("value")
+    out = attend(q, k, v, segment_ids, window=cfg.layer_window(self.kind),
+                 backend=cfg.attention_backend, interpret=cfg.attention_interpret)
+    out = _constrain(out, BATCH_LENGTH_HEADS_KV)
+    # GPT-2 init: residual output projections scaled by 1/sqrt(2 * num_layers).
+    w = self.param("out_kernel", _init(cfg.init_std / math.sqrt(2 * cfg.num_layers),
+                                       ("heads", "kv", "embed")),
+                   heads + (cfg.d_model,), cfg.param_dtype)
+    b = self.param("out_bias", _zeros(("embed",)), (cfg.d_model,), cfg.param_dtype)
+    out = jnp.einsum("blhk,hkd->bld", out, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
+
+
+class Mlp(nn.Module):
+  config: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                 kernel_init=_init(cfg.init_std, ("embed", "mlp")),
+                 bias_init=_zeros(("mlp",)), name="wi")(x)
+    h = _constrain(nn.gelu(h), ("activation_batch", "activation_length", "activation_mlp"))
+    out = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                   kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.num_layers),
+                                     ("mlp", "embed")),
+                   bias_init=_zeros(("embed",)), name="wo")(h)
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  config: GPTConfig
+  kind: str
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    cfg = self.config
+    x = x + SelfAttention(cfg, self.kind, self.deterministic, name="attention")(
+        LayerNorm(cfg, name="ln_attention")(x), segment_ids)
+    x = _constrain(x, BATCH_LENGTH_EMBED)
+    x = x + Mlp(cfg, self.deterministic, name="mlp")(LayerNorm(cfg, name="ln_mlp")(x))
+    return _constrain(x, BATCH_LENGTH_EMBED)
+
+
+class Period(nn.Module):
+  """One period of the attention pattern (by default a dense and a banded block)."""
+  config: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    for i, kind in enumerate(self.config.attention_pattern):
+      x = Block(self.config, kind, self.deterministic, name=f"{i}_{kind}")(x, segment_ids)
+    return x, None
+
+
+def _remat(module_cls, policy):
+  if policy == "none":
+    return module_cls
+  saveable = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}[policy]
+  return nn.remat(module_cls, policy=saveable, prevent_cse=False)
+
+
+class GPT(nn.Module):
+  """The decoder: tokens [batch, length] -> float32 logits [batch, length, padded_vocab]."""
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True):
+    cfg = self.config
+    if tokens.shape[-1] > cfg.max_len:
+      raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_len={cfg.max_len}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+    embedding = self.param("token_embedding", _init(cfg.init_std, ("vocab", "embed")),
+                           (cfg.padded_vocab_size, cfg.d_model), cfg.param_dtype)
+    pos_embedding = self.param("position_embedding", _init(cfg.init_std, ("length", "embed")),
+                               (cfg.max_len, cfg.d_model), cfg.param_dtype)
+    # Gather from tables whose embed axis is whole (as FSDP gathers any weight
+    # before use); a gather from an embed-sharded table makes XLA replicate.
+    table = _constrain(embedding, ("vocab", "activation_embed"))
+    pos_table = _constrain(pos_embedding, ("length", "activation_embed"))
+    x = jnp.take(table, tokens, axis=0) + jnp.take(pos_table, positions, axis=0)
+    x = _constrain(x.astype(cfg.dtype), BATCH_LENGTH_EMBED)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+    stack = nn.scan(_remat(Period, cfg.remat_policy),
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=nn.broadcast,
+                    length=cfg.num_periods,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(cfg, deterministic, name="layers")(x, segment_ids)
+
+    x = LayerNorm(cfg, name="ln_final")(x)
+    logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype))
+    logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    logits = logits.astype(jnp.float32)
+    if cfg.padded_vocab_size > cfg.vocab_size:
+      real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+      logits = jnp.where(real, logits, PADDING_LOGIT)
+    return logits
+
+
+def lm_loss(logits, targets, weights, z_loss=0.0):
+  """Mean token cross-entropy over weighted (non-padding) targets.
+
+  Returns (loss, aux) where aux has the weighted sums for metrics. The
+  optional z-loss (PaLM) adds z_loss * log(Z)^2 to keep the logits' softmax
+  normaliser near 1.
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  weights = weights.astype(jnp.float32)
+  total_weight = jnp.sum(weights)
+  denom = jnp.maximum(total_weight, 1.0)
+  loss = jnp.sum(nll * weights) / denom
+  z_term = jnp.sum(jnp.square(log_z) * weights) / denom
+  return loss + z_loss * z_term, {"nll_sum": jnp.sum(nll * weights),
+                                  "weight_sum": total_weight, "z_loss": z_term}
+
+
+def abstract_variables(config, batch=1, length=None):
+  """Parameter shapes and logical boxes without allocating anything."""
+  length = length or min(config.max_len, 8)
+  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  return jax.eval_shape(lambda t: GPT(config).init(jax.random.key(0), t), tokens)
