@@ -9,12 +9,20 @@ does not grow with depth.
 
 Every parameter carries logical axis names (see paxgpt/sharding.py) and every
 activation at a layer boundary is constrained by name.
+
+Decoding (paxgpt/sampling.py) adds a 'cache' variable collection of keys and
+values: `decode="prefill"` runs the prompt through the same attention kernels
+as training and fills the cache, `decode="step"` feeds one token per row and
+attends over the cache. Dense layers keep `cache_length` positions; banded
+layers keep only the last W in a ring buffer (position i in slot i % W).
+Prompts are left-padded, so every row writes the same cache slot each step.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import gin
@@ -33,6 +41,16 @@ PADDING_LOGIT = -1e9
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads",
                          "activation_kv")
+CACHE_AXES = ("cache_batch", "cache_length", "cache_heads", "cache_kv")
+DECODE_MODES = (None, "prefill", "step")
+
+
+class CacheIndex(NamedTuple):
+  """Where a decode step writes: `index` is the buffer position of the fed token
+  (the same for every row), `key_start` [batch] the first non-padding position
+  of each left-padded row."""
+  index: jax.Array
+  key_start: jax.Array
 
 
 @gin.configurable
@@ -114,15 +132,10 @@ def _constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
-class LayerNorm(nn.Module):
-  config: GPTConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
-                        param_dtype=cfg.param_dtype, scale_init=_ones(("embed",)),
-                        bias_init=_zeros(("embed",)))(x)
+def layer_norm(cfg, name):
+  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, scale_init=_ones(("embed",)),
+                      bias_init=_zeros(("embed",)), name=name)
 
 
 def attend(q, k, v, segment_ids, *, window, backend, interpret):
@@ -146,9 +159,11 @@ class SelfAttention(nn.Module):
   config: GPTConfig
   kind: str  # 'dense' or 'banded'
   deterministic: bool = True
+  decode: str | None = None  # None (training), 'prefill' or 'step'
+  cache_length: int = 0  # positions a dense layer's cache holds (prefill only)
 
   @nn.compact
-  def __call__(self, x, segment_ids):
+  def __call__(self, x, segment_ids, cache_index=None):
     cfg = self.config
     heads = (cfg.num_heads, cfg.head_dim)
 
@@ -160,8 +175,14 @@ class SelfAttention(nn.Module):
       return _constrain(y, BATCH_LENGTH_HEADS_KV)
 
     q, k, v = project("query"), project("key"), project("value")
-    out = attend(q, k, v, segment_ids, window=cfg.layer_window(self.kind),
-                 backend=cfg.attention_backend, interpret=cfg.attention_interpret)
+    window = cfg.layer_window(self.kind)
+    if self.decode == "step":
+      out = self._attend_cache(q, k, v, window, cache_index)
+    else:
+      out = attend(q, k, v, segment_ids, window=window,
+                   backend=cfg.attention_backend, interpret=cfg.attention_interpret)
+      if self.decode == "prefill":
+        self._fill_cache(k, v, window)
     out = _constrain(out, BATCH_LENGTH_HEADS_KV)
     # GPT-2 init: residual output projections scaled by 1/sqrt(2 * num_layers).
     w = self.param("out_kernel", _init(cfg.init_std / math.sqrt(2 * cfg.num_layers),
@@ -170,6 +191,58 @@ class SelfAttention(nn.Module):
     b = self.param("out_bias", _zeros(("embed",)), (cfg.d_model,), cfg.param_dtype)
     out = jnp.einsum("blhk,hkd->bld", out, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
+
+  def _cache(self, batch, window):
+    cfg = self.config
+    slots = self.cache_length if window is None else min(window, self.cache_length)
+    init = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
+    shape = (batch, slots, cfg.num_heads, cfg.head_dim)
+    return (self.variable("cache", "key", init, shape, jnp.dtype(cfg.dtype)),
+            self.variable("cache", "value", init, shape, jnp.dtype(cfg.dtype)))
+
+  def _fill_cache(self, k, v, window):
+    """Store the prompt's keys/values: all of them (dense) or the last W (banded)."""
+    prompt = k.shape[1]
+    if prompt > self.cache_length:
+      raise ValueError(f"prompt length {prompt} exceeds cache_length={self.cache_length}")
+    cached_k, cached_v = self._cache(k.shape[0], window)
+    slots = cached_k.value.shape[1]
+    for var, new in ((cached_k, k), (cached_v, v)):
+      if prompt <= slots:  # every position i lands in slot i (i < slots)
+        new = jnp.pad(new, ((0, 0), (0, slots - prompt), (0, 0), (0, 0)))
+      else:  # ring buffer: the last `slots` positions, position i in slot i % slots
+        new = jnp.roll(new[:, prompt - slots:], (prompt - slots) % slots, axis=1)
+      var.value = _constrain(new.astype(var.value.dtype), CACHE_AXES)
+
+  def _attend_cache(self, q, k, v, window, cache_index):
+    """One query per row against the cache, after writing this step's key/value."""
+    cached_k, cached_v = self._cache(k.shape[0], window)
+    slots = cached_k.value.shape[1]
+    t = cache_index.index
+    slot = t if window is None else t % slots
+    cached_k.value = _constrain(jax.lax.dynamic_update_slice_in_dim(
+        cached_k.value, k.astype(cached_k.value.dtype), slot, axis=1), CACHE_AXES)
+    cached_v.value = _constrain(jax.lax.dynamic_update_slice_in_dim(
+        cached_v.value, v.astype(cached_v.value.dtype), slot, axis=1), CACHE_AXES)
+    s = jnp.arange(slots)
+    # The buffer position each slot holds: itself (dense), or the latest i <= t
+    # with i % slots == s (ring). Slots not written yet map below key_start.
+    position = s if window is None else t - (t - s) % slots
+    ok = (position[None, :] <= t) & (position[None, :] >= cache_index.key_start[:, None])
+    if window is not None:
+      ok &= t - position[None, :] < window
+    return masked_attention(q, cached_k.value, cached_v.value, ok)
+
+
+def masked_attention(q, k, v, visible):
+  """Softmax attention of q [b, 1, h, d] over k, v [b, s, h, d] where visible
+  [b, s] is True; float32 inside like kernels/reference.py."""
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+  scores = scores * q.shape[-1] ** -0.5
+  scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))
+  return out.astype(q.dtype)
 
 
 class Mlp(nn.Module):
@@ -195,14 +268,17 @@ class Block(nn.Module):
   config: GPTConfig
   kind: str
   deterministic: bool = True
+  decode: str | None = None
+  cache_length: int = 0
 
   @nn.compact
-  def __call__(self, x, segment_ids):
+  def __call__(self, x, segment_ids, cache_index=None):
     cfg = self.config
-    x = x + SelfAttention(cfg, self.kind, self.deterministic, name="attention")(
-        LayerNorm(cfg, name="ln_attention")(x), segment_ids)
+    x = x + SelfAttention(cfg, self.kind, self.deterministic, self.decode, self.cache_length,
+                          name="attention")(
+        layer_norm(cfg, "ln_attention")(x), segment_ids, cache_index)
     x = _constrain(x, BATCH_LENGTH_EMBED)
-    x = x + Mlp(cfg, self.deterministic, name="mlp")(LayerNorm(cfg, name="ln_mlp")(x))
+    x = x + Mlp(cfg, self.deterministic, name="mlp")(layer_norm(cfg, "ln_mlp")(x))
     return _constrain(x, BATCH_LENGTH_EMBED)
 
 
@@ -210,11 +286,14 @@ class Period(nn.Module):
   """One period of the attention pattern (by default a dense and a banded block)."""
   config: GPTConfig
   deterministic: bool = True
+  decode: str | None = None
+  cache_length: int = 0
 
   @nn.compact
-  def __call__(self, x, segment_ids):
+  def __call__(self, x, segment_ids, cache_index=None):
     for i, kind in enumerate(self.config.attention_pattern):
-      x = Block(self.config, kind, self.deterministic, name=f"{i}_{kind}")(x, segment_ids)
+      x = Block(self.config, kind, self.deterministic, self.decode, self.cache_length,
+                name=f"{i}_{kind}")(x, segment_ids, cache_index)
     return x, None
 
 
@@ -226,13 +305,30 @@ def _remat(module_cls, policy):
 
 
 class GPT(nn.Module):
-  """The decoder: tokens [batch, length] -> float32 logits [batch, length, padded_vocab]."""
+  """The decoder: tokens [batch, length] -> float32 logits [batch, length, padded_vocab].
+
+  Decoding (apply with mutable=['cache']): decode='prefill' takes left-padded
+  prompts (segment_ids 1 on tokens, 0 on padding; positions counted from each
+  row's first token), creates the cache for `cache_length` buffer positions and
+  returns the logits of the last position only ([batch, 1, vocab]);
+  decode='step' takes one token per row [batch, 1], its positions and a
+  CacheIndex, and returns its logits.
+  """
   config: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True):
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True,
+               decode=None, cache_length=0, cache_index=None):
     cfg = self.config
-    if tokens.shape[-1] > cfg.max_len:
+    if decode not in DECODE_MODES:
+      raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}")
+    if decode == "step" and (cache_index is None or positions is None
+                             or tokens.shape[-1] != 1):
+      raise ValueError("decode='step' takes tokens [batch, 1], positions and a cache_index")
+    if decode == "prefill" and cache_length < tokens.shape[-1]:
+      raise ValueError(f"cache_length={cache_length} is shorter than the prompt "
+                       f"({tokens.shape[-1]} positions)")
+    if decode != "step" and tokens.shape[-1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_len={cfg.max_len}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
@@ -248,15 +344,19 @@ class GPT(nn.Module):
     x = _constrain(x.astype(cfg.dtype), BATCH_LENGTH_EMBED)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
-    stack = nn.scan(_remat(Period, cfg.remat_policy),
-                    variable_axes={"params": 0},
+    # Decoding keeps no activations for a backward pass, so it never remats.
+    stack = nn.scan(_remat(Period, "none" if decode else cfg.remat_policy),
+                    variable_axes={"params": 0, "cache": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=nn.broadcast,
                     length=cfg.num_periods,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(cfg, deterministic, name="layers")(x, segment_ids)
+    x, _ = stack(cfg, deterministic, decode, cache_length, name="layers")(
+        x, segment_ids, cache_index)
 
-    x = LayerNorm(cfg, name="ln_final")(x)
+    if decode == "prefill":  # left padding: every row's last prompt token is last
+      x = x[:, -1:]
+    x = layer_norm(cfg, "ln_final")(x)
     logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype))
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     logits = logits.astype(jnp.float32)
