@@ -195,3 +195,13 @@ def test_config_errors_name_the_bad_value():
     tiny(remat_policy="some")
   with pytest.raises(ValueError, match="exceeds max_len=128"):
     init(tiny(), length=129)
+
+
+def test_every_parameter_has_logical_axis_names():
+  variables = model.abstract_variables(tiny())
+  leaves = jax.tree_util.tree_leaves(variables["params"],
+                                     is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for box in leaves:
+    assert len(box.names) == len(box.value.shape)
+    assert set(box.names) <= {"vocab", "embed", "length", "heads", "kv", "mlp", "layers"}
