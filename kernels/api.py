@@ -35,8 +35,12 @@ def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=N
   masks.check_window(window)
   if window is not None and window >= q.shape[1]:
     window = None  # a band as wide as the sequence is the dense causal mask
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
+  if segment_ids is not None:
+    # one [batch, seq] array, or a (query ids, key ids) pair of them
+    pair = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,)
+    if any(s.shape != q.shape[:2] for s in pair):
+      raise ValueError(f"segment_ids must be [batch, seq] = {q.shape[:2]} (or a pair of "
+                       f"them), got {[s.shape for s in pair]}")
   backend = backend or default_backend()
   if backend not in BACKENDS:
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
