@@ -18,6 +18,7 @@ import sys
 
 import gin
 
+from paxgpt import distributed
 from paxgpt.errors import UsageError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,13 +61,23 @@ COMMANDS = {
                            ("--batch", dict(type=int, default=None, help="global batch size")),
                            ("--chip", dict(default=None, help="v4|v5e|v5p|v6e|h100|h200")),
                            ("--topology", dict(default=None,
-                                               help="TPU topology, e.g. 4x4x8 (needs libtpu)")))),
+                                               help="TPU topology, e.g. 4x4x8 (needs libtpu)")),
+                           ("--remat", dict(default="full", choices=("none", "full",
+                                                                     "dots_saveable"),
+                                            help="rematerialisation policy (default full)")),
+                           ("--mfu", dict(type=float, default=0.4,
+                                          help="MFU assumed for the step time (default 0.4)")),
+                           ("--seq_len", dict(type=int, default=None,
+                                              help="sequence length (default max_len)")))),
     "vocab": Command("tasks.vocabularies:vocab_command",
                      "train a SentencePiece vocabulary on a task's train split", needs_gin=False,
                      flags=(("--task", dict(required=True, help="registered task name")),
                             ("--size", dict(type=int, required=True, help="vocabulary size")),
                             ("--output", dict(required=True, help="output directory")))),
 }
+
+# Commands that run on every process of a multi-host run (paxgpt/distributed.py).
+MULTI_PROCESS_COMMANDS = ("train", "eval", "sample")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,6 +151,9 @@ def main(argv=None):
   parser = _Parser(prog=f"paxgpt {name}", description=cmd.help)
   for flag, kwargs in cmd.flags:
     parser.add_argument(flag, **kwargs)
+  if name in MULTI_PROCESS_COMMANDS:
+    for flag, kwargs in distributed.FLAGS:
+      parser.add_argument(flag, **kwargs)
   args = parser.parse_args(rest)
   try:
     function = load(cmd.target)  # registers the command's gin configurables
@@ -149,6 +163,8 @@ def main(argv=None):
       parse_gin(files, bindings)
     elif files or bindings:
       raise UsageError(f"paxgpt {name} takes no gin flags")
+    if name in MULTI_PROCESS_COMMANDS:  # join a multi-host run before any device is used
+      distributed.initialize_from_args(args)
     result = function(args)
   except UsageError as e:
     fail(one_line(e))

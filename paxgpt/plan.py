@@ -1,0 +1,310 @@
+"""`paxgpt plan`: will this model train on that mesh? Ask the compiler.
+
+Lowers and compiles the sharded train step for a mesh on abstract inputs (no
+weights are allocated) and reports, per device, the parameter, optimizer-state
+and temporary bytes from `compiled.memory_analysis()`, the FLOPs per step
+(accounting.flops_per_token x tokens), whether the total fits the chip's HBM
+(accounting.CHIPS) and the step time at a stated MFU.
+
+Devices: with --topology (and libtpu installed) the compile-only devices of a
+TPU slice from `jax.experimental.topologies.get_topology_desc`, so the figures
+come from the real TPU compiler and the Pallas attention kernels are compiled
+inside shard_map; otherwise as many fake CPU devices as the mesh has (the CPU
+compiler's figures: the same sharding, another backend's fusion and layout).
+
+The step is the trainer's own (paxgpt.trainer.make_train_step with the GPT-3
+optimizer; gin's TrainConfig.num_microbatches applies), with full remat unless
+--remat says otherwise. A step the TPU compiler refuses for lack of HBM is
+reported as not fitting, with the temporaries its message names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+
+from paxgpt import accounting, info, model, optim, sharding, trainer
+from paxgpt.errors import UsageError
+
+DEFAULT_MFU = 0.4
+DEFAULT_REMAT = "full"
+TPU_CHIPS = ("v4", "v5e", "v5p", "v6e")
+# libtpu's chip configurations: v4 and v5p expose one megacore device per chip.
+_CHIP_CONFIG = {"v4": "megacore", "v5p": "megacore", "v5e": "default", "v6e": "default"}
+
+# ---------------------------------------------------------------- devices
+
+def parse_topology(chip, topology):
+  """('v5p', '4x8x8') from --chip and --topology (which may carry the chip: v5p:4x8x8)."""
+  name, _, dims = topology.rpartition(":")
+  if name:
+    if chip not in (None, name):
+      raise UsageError(f"--topology={topology} names chip {name} but --chip={chip}")
+    chip = name
+  if chip is None:
+    raise UsageError(f"--topology={topology}: say which chip with --chip "
+                     f"({'|'.join(TPU_CHIPS)}) or --topology=CHIP:{dims}")
+  if chip not in TPU_CHIPS:
+    raise UsageError(f"--topology is for TPU chips ({', '.join(TPU_CHIPS)}); --chip={chip}")
+  parts = dims.split("x")
+  if not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) not in (2, 3):
+    raise UsageError(f"--topology={topology}: expected e.g. 4x4x8 (or 16x16 for {chip})")
+  return chip, dims
+
+
+def topology_devices(chip, dims):
+  """Compile-only TPU devices of a `chip` slice shaped `dims` (needs libtpu, no TPU)."""
+  # libtpu takes a machine-wide lock when it loads; compile-only use needs no TPU,
+  # so several processes (tests, other engineers' checks) may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(topology_name=f"{chip}:{dims}", platform="tpu",
+                                        chip_config_name=_CHIP_CONFIG[chip])
+  except (RuntimeError, ValueError, NotImplementedError) as err:
+    raise UsageError(f"--topology={chip}:{dims}: libtpu could not describe it "
+                     f"({str(err).splitlines()[0][:200]})") from None
+  return list(topo.devices)
+
+
+def cpu_devices(count):
+  """`count` CPU devices, asking JAX for that many fake ones when it has not started."""
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    pass  # the backend already runs (e.g. under pytest): use what it has
+  devices = jax.devices("cpu")
+  if len(devices) < count:
+    raise UsageError(f"the mesh needs {count} devices but this process already has "
+                     f"{len(devices)} CPU devices; run `paxgpt plan` in a fresh process or set "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+  return devices[:count]
+
+
+# ---------------------------------------------------------------- train step
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _trainer_step(config, partitioner, batch_size, seq_len):
+  """The trainer's own jitted train step (GPT-3 optimizer, gin's TrainConfig
+  microbatches) and its abstract arguments."""
+  train_config = trainer.TrainConfig()
+  micro, shards = train_config.num_microbatches, partitioner.mesh.size // partitioner.axis_sizes[
+      "tensor"]
+  if batch_size % micro or (batch_size // micro) % shards:
+    raise UsageError(f"--batch={batch_size} in TrainConfig.num_microbatches={micro} "
+                     f"microbatches does not split evenly over the {shards} batch shards")
+  optimizer, schedule = optim.make_optimizer(optim.OptimizerConfig(), train_config.num_steps,
+                                             batch_size * seq_len)
+  boxed = trainer.abstract_train_state(config, optimizer, partitioner)
+  step = trainer.make_train_step(config, optimizer, partitioner, schedule=schedule,
+                                 num_microbatches=train_config.num_microbatches,
+                                 abstract_state=boxed)
+  state = _with_shardings(nn.unbox(boxed), trainer.state_shardings(boxed, partitioner))
+  batch = trainer.abstract_batch(batch_size, seq_len, partitioner)
+  return step, (state, batch), state.params, state.opt_state
+
+
+# ---------------------------------------------------------------- the plan
+
+def bytes_on_one_device(tree):
+  """Bytes of the first device's shards of a tree of sharded ShapeDtypeStructs."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def lower_train_step(config, devices, axis_sizes, batch_size, seq_len):
+  """(lowered step, sharded abstract params, sharded abstract optimizer state)."""
+  if len(devices) != math.prod(axis_sizes.values()):
+    raise sharding.MeshError(
+        f"mesh {','.join(f'{k}:{v}' for k, v in axis_sizes.items())} needs "
+        f"{math.prod(axis_sizes.values())} devices but there are {len(devices)}")
+  info.check_model_on_mesh(config, axis_sizes)
+  batch_shards = axis_sizes["data"] * axis_sizes["fsdp"]
+  if batch_size % batch_shards:
+    raise UsageError(f"--batch={batch_size} is not divisible by data x fsdp = {batch_shards}")
+  if seq_len > config.max_len:
+    raise UsageError(f"--seq_len={seq_len} exceeds the model's max_len={config.max_len}")
+  mesh = sharding.make_mesh(**axis_sizes, devices=devices)
+  partitioner = sharding.Partitioner(mesh)
+  step, abstract_args, params, opt_state = _trainer_step(config, partitioner, batch_size,
+                                                        seq_len)
+  lowered = step.lower(*abstract_args)  # ShardedStep traces under the mesh and rules
+  return lowered, params, opt_state
+
+
+def compile_train_step(config, devices, axis_sizes, batch_size, seq_len, compiler_options=None):
+  """(compiled step, sharded abstract params, sharded abstract optimizer state)."""
+  lowered, params, opt_state = lower_train_step(config, devices, axis_sizes, batch_size,
+                                                seq_len)
+  return lowered.compile(compiler_options), params, opt_state
+
+
+# The TPU compiler refuses a program that does not fit, e.g. "RESOURCE_EXHAUSTED: Ran out
+# of memory on HBM, the total memory required for HLO temporaries (23.36G) exceeds
+# available HBM (15.75G)."
+_TPU_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def compile_plan(config, devices, axis_sizes, batch_size, seq_len, chip, mfu=DEFAULT_MFU,
+                 compiler_options=None):
+  """Compile the train step on `devices` and return the plan's figures as a dict."""
+  lowered, params, opt_state = lower_train_step(config, devices, axis_sizes, batch_size,
+                                                seq_len)
+  try:
+    compiled = lowered.compile(compiler_options)
+  except jax.errors.JaxRuntimeError as err:
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    return _out_of_memory_figures(str(err), params, opt_state, config, devices, axis_sizes,
+                                  batch_size, seq_len, chip, mfu)
+  return plan_figures(compiled, params, opt_state, config, devices, axis_sizes, batch_size,
+                      seq_len, chip, mfu)
+
+
+def _out_of_memory_figures(message, params, opt_state, config, devices, axis_sizes,
+                           batch_size, seq_len, chip, mfu):
+  """Figures for a step the compiler refused: the state from the shardings, the
+  temporaries from the compiler's message."""
+  found = _TPU_OOM.search(message)
+  temp = (int(float(found.group(1)) * 2**(10 * "KMGT".index(found.group(2)) + 10))
+          if found else None)
+  state = bytes_on_one_device(params) + bytes_on_one_device(opt_state)
+  arguments = state + 5 * 4 * (batch_size // (axis_sizes["data"] * axis_sizes["fsdp"])) * seq_len
+  report = plan_figures(None, params, opt_state, config, devices, axis_sizes, batch_size,
+                        seq_len, chip, mfu,
+                        memory=(arguments, state, state, temp if temp is not None else 0))
+  report.update(fits=False, compiler_error=message.strip().splitlines()[0][:300])
+  if temp is None:
+    report["temp_bytes_per_device"] = report["total_bytes_per_device"] = None
+  return report
+
+
+def plan_figures(compiled, params, opt_state, config, devices, axis_sizes, batch_size, seq_len,
+                 chip, mfu=DEFAULT_MFU, memory=None):
+  """The plan's figures (a JSON-able dict) from a compiled train step, or from
+  `memory` = (argument, output, alias, temp) bytes per device."""
+  if memory is None:
+    stats = compiled.memory_analysis()
+    memory = (stats.argument_size_in_bytes, stats.output_size_in_bytes,
+              stats.alias_size_in_bytes, stats.temp_size_in_bytes)
+  argument, output, alias, temp = (int(m) for m in memory)
+  param_bytes, opt_bytes = bytes_on_one_device(params), bytes_on_one_device(opt_state)
+  total = argument + output - alias + temp  # donated state is updated in place
+
+  variables = model.abstract_variables(config)
+  params_total, non_embedding = accounting.param_counts(variables)
+  flops_per_token = accounting.flops_per_token(config, non_embedding, seq_len)
+  flops_per_step = flops_per_token * batch_size * seq_len
+  spec = accounting.CHIPS.get(chip)
+  step_time = (flops_per_step / (spec["peak_flops"] * len(devices) * mfu)) if spec else None
+  return {
+      "chip": chip,
+      "devices": len(devices),
+      "device_kind": devices[0].device_kind,
+      "compiler": devices[0].platform,
+      "mesh": dict(axis_sizes),
+      "batch": batch_size,
+      "seq_len": seq_len,
+      "remat_policy": config.remat_policy,
+      "attention_backend": config.attention_backend,
+      "params": params_total,
+      "param_bytes_per_device": param_bytes,
+      "optimizer_bytes_per_device": opt_bytes,
+      "argument_bytes_per_device": argument,
+      "output_bytes_per_device": output,
+      "alias_bytes_per_device": alias,
+      "temp_bytes_per_device": temp,
+      "total_bytes_per_device": total,
+      "hbm_bytes_per_device": spec["hbm_bytes"] if spec else None,
+      "fits": (total <= spec["hbm_bytes"]) if spec else None,
+      "flops_per_token": flops_per_token,
+      "flops_per_step": flops_per_step,
+      "mfu": mfu,
+      "step_time_s": step_time,
+  }
+
+
+def _default_batch(batch_shards, seq_len):
+  """GPT-3's batch (the %BATCH_TOKENS macro) in sequences, a multiple of the batch shards."""
+  try:
+    tokens = gin.query_parameter("%BATCH_TOKENS")
+  except (ValueError, KeyError):
+    tokens = None
+  if not tokens:
+    return batch_shards
+  return max(1, tokens // seq_len // batch_shards) * batch_shards
+
+
+def plan_command(args):
+  remat = getattr(args, "remat", DEFAULT_REMAT)
+  mfu = getattr(args, "mfu", DEFAULT_MFU)
+  if not 0 < mfu <= 1:
+    raise UsageError(f"--mfu={mfu}: expected a fraction in (0, 1]")
+  config = model.GPTConfig()
+  if args.topology:
+    chip, dims = parse_topology(args.chip, args.topology)
+    devices = topology_devices(chip, dims)
+    axis_sizes = info.mesh_axis_sizes(args.mesh, len(devices))
+    # Pallas (Mosaic) attention under shard_map, as the TPU run would use.
+    config = dataclasses.replace(config, attention_backend="tpu", attention_interpret=False)
+  else:
+    chip = args.chip or "v5p"
+    if chip not in accounting.CHIPS:
+      raise UsageError(f"--chip={chip}: expected one of {'|'.join(accounting.CHIPS)}")
+    axis_sizes = info.mesh_axis_sizes(args.mesh, None if args.mesh else jax.device_count())
+    devices = cpu_devices(math.prod(axis_sizes.values()))
+    config = dataclasses.replace(config, attention_backend="reference")
+  config = dataclasses.replace(config, remat_policy=remat)
+  seq_len = getattr(args, "seq_len", None) or config.max_len
+  batch = args.batch or _default_batch(axis_sizes["data"] * axis_sizes["fsdp"], seq_len)
+  if batch < 1:
+    raise UsageError(f"--batch={batch}: must be positive")
+  report = compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu)
+  if args.json:
+    print(json.dumps(report))
+    return 0
+  print(format_report(report))
+  return 0
+
+
+def format_report(r):
+  def gib(b):
+    if b is None:
+      return "   (unknown)"
+    return f"{b / 2**30:8.2f} GiB" if b >= 2**30 else f"{b / 2**20:8.2f} MiB"
+  mesh = ",".join(f"{k}:{v}" for k, v in r["mesh"].items())
+  lines = [
+      f"train step compiled for {r['devices']} x {r['device_kind']} ({r['compiler']} compiler), "
+      f"mesh {mesh}, batch {r['batch']} x {r['seq_len']}, remat {r['remat_policy']}, "
+      f"attention {r['attention_backend']}",
+      f"  parameters            {gib(r['param_bytes_per_device'])} per device "
+      f"({r['params']:,} params)",
+      f"  optimizer state       {gib(r['optimizer_bytes_per_device'])} per device",
+      f"  temporaries           {gib(r['temp_bytes_per_device'])} per device",
+      f"  total                 {gib(r['total_bytes_per_device'])} per device "
+      f"(arguments + outputs - donated + temporaries)",
+      f"  FLOPs per step        {r['flops_per_step']:.4g} "
+      f"({r['flops_per_token']:.4g} per token)",
+  ]
+  if r.get("compiler_error"):
+    lines.append(f"  the compiler refused it: {r['compiler_error']}")
+  if r["hbm_bytes_per_device"]:
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    lines.append(f"  {r['chip']} HBM {gib(r['hbm_bytes_per_device']).strip()}: {verdict}")
+    lines.append(f"  step time at {r['mfu']:.0%} MFU: {r['step_time_s']:.3f} s "
+                 f"({r['batch'] * r['seq_len'] / r['step_time_s']:,.0f} tokens/s)")
+  return "\n".join(lines)

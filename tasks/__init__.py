@@ -1,0 +1,29 @@
+"""SeqIO tasks, mixtures and vocabularies for paxgpt (imports seqio/t5/TF, never paxgpt).
+
+Importing registers (idempotently):
+  pydoc_topics   CPython's bundled reference topics: offline demo corpus
+  c4_gpt3        C4 English (TFDS c4/en) with Pax's GPT-3 preprocessing
+  c4_pydoc_mix   an example mixture of the two
+and `text_files_task(...)` registers users' .txt / .jsonl files (gin:
+`DataConfig.mixture_or_task = @tasks.text_files_task()`).
+
+Every name is registered with the byte vocabulary; `task_name_for(name, spec)` gives
+(and registers on first use) the variant for another vocabulary spec.
+"""
+from tasks import vocabularies
+from tasks import registry
+from tasks import pydoc_topics
+from tasks import text_files
+from tasks import c4
+from tasks import mixtures
+from tasks.registry import UnknownTaskError, get_provider, get_task, task_name_for
+from tasks.text_files import TextFilesError, text_files_task
+from tasks.vocabularies import (GPT2BPEVocabulary, VocabularyError, get_vocabulary,
+                                train_sentencepiece)
+
+__all__ = [
+    "GPT2BPEVocabulary", "TextFilesError", "UnknownTaskError", "VocabularyError",
+    "get_provider", "get_task", "get_vocabulary", "task_name_for", "text_files_task",
+    "train_sentencepiece", "vocabularies", "registry", "pydoc_topics", "text_files", "c4",
+    "mixtures",
+]

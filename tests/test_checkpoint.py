@@ -1,0 +1,114 @@
+"""Orbax checkpoints: save/restore across meshes, interrupted saves, clear errors."""
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from paxgpt import checkpoint, model, optim, sharding, trainer
+from paxgpt.errors import UsageError
+
+CONFIG = model.GPTConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=259,
+                         max_len=32, window=8, dtype="float32")
+
+
+OPTIMIZER, _ = optim.make_optimizer(optim.OptimizerConfig(decay_steps=10))
+ABSTRACT = trainer.abstract_train_state(CONFIG, OPTIMIZER)
+_INITIALIZERS = {}
+
+
+def _state_on(partitioner, seed=0):
+  """A train state with seed-dependent parameters, laid out on `partitioner`
+  (one compiled initializer per mesh)."""
+  key = tuple(partitioner.mesh.shape.items())
+  if key not in _INITIALIZERS:
+    shardings = trainer.state_shardings(ABSTRACT, partitioner)
+    gpt = model.GPT(CONFIG)
+
+    def init(k):
+      params = nn.unbox(gpt.init(k, jnp.zeros((1, 8), jnp.int32)))["params"]
+      return trainer.TrainState(params, OPTIMIZER.init(params), jnp.int32(0))
+    _INITIALIZERS[key] = jax.jit(init, out_shardings=shardings)
+  with partitioner.activate():
+    return _INITIALIZERS[key](jax.random.key(seed)), ABSTRACT, None
+
+
+def _save(directory, steps, partitioner):
+  ckpt = checkpoint.Checkpointer(directory, checkpoint.CheckpointConfig(keep=5))
+  states = {}
+  for step in steps:
+    state, abstract, _ = _state_on(partitioner, seed=step)
+    ckpt.save(step, state, {"position": step})
+    states[step] = state
+  ckpt.close()
+  return states, abstract
+
+
+def test_restore_params_onto_another_mesh(tmp_path):
+  mesh_a = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  states, abstract = _save(tmp_path, [1], sharding.Partitioner(mesh_a))
+  mesh_b = sharding.make_mesh(data=1, fsdp=4, tensor=1, devices=jax.devices()[:4])
+  part_b = sharding.Partitioner(mesh_b)
+  shardings_b = part_b.tree_shardings(abstract.params)
+  params = checkpoint.restore_params(tmp_path, nn.unbox(abstract).params, shardings_b)
+  saved = jax.tree_util.tree_leaves(states[1].params)
+  for got, want, sh in zip(jax.tree_util.tree_leaves(params), saved,
+                           jax.tree_util.tree_leaves(shardings_b)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding == sh
+  embedding = params["token_embedding"]
+  assert embedding.sharding.mesh.shape["fsdp"] == 4
+  assert embedding.addressable_shards[0].data.shape == (CONFIG.padded_vocab_size, 16)
+
+
+def test_full_state_and_data_position_round_trip(tmp_path):
+  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  states, abstract = _save(tmp_path, [3], part)
+  shardings = trainer.state_shardings(abstract, part)
+  unboxed = nn.unbox(abstract)
+  with_sh = lambda t, s: jax.tree_util.tree_map(
+      lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x), t, s)
+  ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
+  params, opt_state, data_state, meta = ckpt.restore(
+      3, with_sh(unboxed.params, shardings.params), with_sh(unboxed.opt_state,
+                                                           shardings.opt_state))
+  ckpt.close()
+  assert data_state == {"position": 3} and meta["step"] == 3
+  for got, want in zip(jax.tree_util.tree_leaves((params, opt_state)),
+                       jax.tree_util.tree_leaves((states[3].params, states[3].opt_state))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_interrupted_save_is_skipped(tmp_path):
+  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  states, abstract = _save(tmp_path, [1, 2], part)
+  ckpt_dir = checkpoint.checkpoint_dir(tmp_path)
+  # An interrupted save of step 3 leaves Orbax's temporary directory with part
+  # of the files (here: the params item only, no commit marker).
+  partial = os.path.join(ckpt_dir, "3.orbax-checkpoint-tmp-1795350000")
+  os.makedirs(partial)
+  shutil.copytree(os.path.join(ckpt_dir, "2", "params"), os.path.join(partial, "params"))
+  ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
+  assert ckpt.latest_step() == 2 and sorted(ckpt.all_steps()) == [1, 2]
+  ckpt.close()
+  params = checkpoint.restore_params(tmp_path, nn.unbox(abstract).params,
+                                     part.tree_shardings(abstract.params))
+  np.testing.assert_array_equal(np.asarray(params["token_embedding"]),
+                                np.asarray(states[2].params["token_embedding"]))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  abstract = ABSTRACT.params
+  args = (nn.unbox(abstract), part.tree_shardings(abstract))
+  with pytest.raises(UsageError, match="no checkpoint in .*nowhere"):
+    checkpoint.restore_params(tmp_path / "nowhere", *args)
+  os.makedirs(checkpoint.checkpoint_dir(tmp_path))
+  with pytest.raises(UsageError, match="no checkpoint in"):
+    checkpoint.restore_params(tmp_path, *args)
+  _save(tmp_path, [1], part)
+  with pytest.raises(UsageError, match="no checkpoint for step 7.*saved steps: \\[1\\]"):
+    checkpoint.restore_params(tmp_path, *args, step=7)
