@@ -4,7 +4,7 @@
 # Extra arguments go to pytest (e.g. bash launch/test.sh -k model).
 set -euo pipefail
 EXTRAS=test source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=8"
 set +e
 python -m pytest -q -ra --durations=15 "$@" tests
 status=$?
