@@ -28,7 +28,8 @@ def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=N
     ok = ok & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
   s = jnp.where(ok, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  # softmax does not depend on the shift: no gradient through the max
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   p = jnp.exp(s - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(l == 0, 1.0, l)

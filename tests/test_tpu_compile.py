@@ -27,6 +27,7 @@ pytestmark = pytest.mark.tpu_compile
 
 SINGLE_CHIP = {"v4": "v4:1x1x1", "v5e": "v5e:1x1", "v5p": "v5p:1x1x1", "v6e": "v6e:1x1"}
 KERNELS = ("flash_attention_fwd", "flash_attention_dkdv", "flash_attention_dq")
+HEAD_DIMS = (64, 80, 96, 128)  # every GPT-3 size
 
 
 @functools.cache
@@ -61,7 +62,7 @@ def _mosaic_kernels(compiled):
 
 
 @pytest.mark.parametrize("window", [None, 256])
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_forward_and_backward_compile_for_v5p(head_dim, window):
   compiled = _compile("v5p", _loss_and_grads(window=window), head_dim=head_dim)
   assert _mosaic_kernels(compiled) == set(KERNELS)
@@ -71,9 +72,20 @@ def test_forward_and_backward_compile_for_v5p(head_dim, window):
 
 
 @pytest.mark.parametrize("generation", ["v4", "v5e", "v6e"])
-def test_banded_with_segments_compiles_for_other_generations(generation):
-  compiled = _compile(generation, _loss_and_grads(window=256), head_dim=96, segmented=True)
-  assert _mosaic_kernels(compiled) == set(KERNELS)
+def test_every_head_dim_and_mask_compiles_for_other_generations(generation):
+  # One program per generation holds forward and backward of dense and banded
+  # attention (with segment ids) for every GPT-3 head dim: one compile, not eight.
+  device = _chip(generation)
+  inputs = {d: _abstract((1, 512, 2, d), jnp.bfloat16, device) for d in HEAD_DIMS}
+  ids = _abstract((1, 512), jnp.int32, device)
+
+  def every_variant(inputs, ids):
+    return {f"{d}/{w}": _loss_and_grads(window=w)(x, x, x, ids)
+            for d, x in inputs.items() for w in (None, 256)}
+  text = jax.jit(every_variant).lower(inputs, ids).compile().as_text()
+  calls = [line for line in text.splitlines() if "tpu_custom_call" in line]
+  for name in KERNELS:  # each kernel once per (head dim, mask) variant
+    assert sum(name in line for line in calls) >= 2 * len(HEAD_DIMS), name
 
 
 def test_forward_compiles_and_banded_costs_seq_times_window():
