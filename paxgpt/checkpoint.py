@@ -48,7 +48,12 @@ class CheckpointConfig:
 
 
 def checkpoint_dir(model_dir) -> str:
-  return os.path.join(os.fspath(model_dir), CHECKPOINT_SUBDIR)
+  """MODEL_DIR/checkpoints, absolute: Orbax refuses relative local paths (a
+  relative MODEL_DIR such as launch/local.sh's runs/demo). URLs (gs://...) stay."""
+  model_dir = os.fspath(model_dir)
+  if "://" not in model_dir:
+    model_dir = os.path.abspath(model_dir)
+  return os.path.join(model_dir, CHECKPOINT_SUBDIR)
 
 
 def _validation_loss(metrics):

@@ -47,6 +47,19 @@ def _save(directory, steps, partitioner):
   return states, abstract
 
 
+def test_relative_model_dir_saves_and_restores(tmp_path, monkeypatch):
+  # launch/local.sh's default MODEL_DIR is relative (runs/demo); Orbax wants absolute paths.
+  monkeypatch.chdir(tmp_path)
+  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  states, abstract = _save(os.path.join("runs", "demo"), [1, 2], part)
+  assert sorted(os.listdir(tmp_path / "runs" / "demo" / checkpoint.CHECKPOINT_SUBDIR)) == ["1", "2"]
+  shardings = part.tree_shardings(abstract.params)
+  params = checkpoint.restore_params("runs/demo", nn.unbox(abstract).params, shardings)
+  for got, want in zip(jax.tree_util.tree_leaves(params),
+                       jax.tree_util.tree_leaves(states[2].params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_restore_params_onto_another_mesh(tmp_path):
   mesh_a = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   states, abstract = _save(tmp_path, [1], sharding.Partitioner(mesh_a))
