@@ -44,6 +44,31 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+def mesh_axes_of(logical_axis, rules=LOGICAL_AXIS_RULES):
+  """The mesh axes (a tuple, maybe empty) a logical axis is split over."""
+  axes = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def shard_count(logical_axis, axis_sizes, rules=LOGICAL_AXIS_RULES):
+  """How many shards a logical axis has on a mesh of `axis_sizes` ({name: size});
+  needs no devices, so plans for meshes that do not exist here use it too."""
+  return math.prod(axis_sizes[a] for a in mesh_axes_of(logical_axis, rules))
+
+
+def local_shape(shape, logical_axes, axis_sizes, rules=LOGICAL_AXIS_RULES):
+  """The shape of one device's shard (ceil division, as XLA pads)."""
+  logical_axes = tuple(logical_axes) + (None,) * (len(shape) - len(logical_axes))
+  return tuple(-(-d // (1 if name is None else shard_count(name, axis_sizes, rules)))
+               for d, name in zip(shape, logical_axes))
+
+
+def with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s shapes and dtypes carrying `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 class MeshError(UsageError):
   """A mesh that does not fit the devices (reported by the CLI as exit code 2)."""
 
@@ -95,6 +120,11 @@ def make_mesh(data=1, fsdp=-1, tensor=1, devices=None):
   return Mesh(grid, MESH_AXES)
 
 
+def mesh_from_flag(text=None, devices=None):
+  """The mesh of a `--mesh=data:1,fsdp:8,tensor:1` flag (None: gin's make_mesh)."""
+  return make_mesh(**(parse_mesh_flag(text) if text else {}), devices=devices)
+
+
 class Partitioner:
   """Owns the mesh and the rules; turns logical names into NamedShardings."""
 
@@ -115,6 +145,15 @@ class Partitioner:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
+  def shards(self, logical_axis):
+    """How many shards `logical_axis` has on this mesh."""
+    return shard_count(logical_axis, self.axis_sizes, self.rules)
+
+  def abstract(self, boxed_tree):
+    """A boxed tree (flax `LogicallyPartitioned` leaves) as unboxed
+    ShapeDtypeStructs carrying their shardings: what restore and lower take."""
+    return with_shardings(nn.unbox(boxed_tree), self.tree_shardings(boxed_tree))
+
   def tree_shardings(self, boxed_tree):
     """Shardings for a tree whose leaves are flax `LogicallyPartitioned` boxes
     (e.g. from `jax.eval_shape(model.init, ...)`); unboxed leaves are replicated."""
@@ -130,9 +169,8 @@ class Partitioner:
 
   def check_divisible(self, what, size, logical_axis):
     """Raise MeshError unless `size` divides evenly over `logical_axis`'s mesh axes."""
-    axes = self.spec((logical_axis,))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    n = math.prod(self.axis_sizes[a] for a in axes)
+    axes = mesh_axes_of(logical_axis, self.rules)
+    n = self.shards(logical_axis)
     if size % n:
       raise MeshError(f"{what}={size} is not divisible by the {'x'.join(axes)} mesh axis "
                       f"size {n}")
