@@ -3,9 +3,14 @@
 Token + learned position embeddings, pre-LayerNorm blocks of causal
 self-attention and a GELU MLP (d_ff = 4 d_model), a final LayerNorm, and
 logits tied to the token embedding. Layers alternate dense and locally banded
-causal attention following `attention_pattern`; the stack is an `nn.scan` over
-*periods* of that pattern, so the scanned body is homogeneous and compile time
-does not grow with depth.
+causal attention following `attention_pattern`. With `scan_layers` (the default)
+the stack is an `nn.scan` over *periods* of that pattern, so the scanned body is
+homogeneous and compile time does not grow with depth; its parameters sit under
+'layers' with a leading period axis. Without it the periods are unrolled as
+'layers_0', 'layers_1', ... (no per-step slicing of stacked weights: what the
+sampler decodes with). `stack_layers` / `unstack_layers` convert a parameter or
+cache tree between the two layouts exactly; checkpoints hold the layout of the
+config that wrote them.
 
 Every parameter carries logical axis names (see paxgpt/sharding.py) and every
 activation at a layer boundary is constrained by name.
@@ -16,6 +21,8 @@ as training and fills the cache, `decode="step"` feeds one token per row and
 attends over the cache. Dense layers keep `cache_length` positions; banded
 layers keep only the last W in a ring buffer (position i in slot i % W).
 Prompts are left-padded, so every row writes the same cache slot each step.
+The cache is laid out [batch, heads, slots, head_dim] (CACHE_AXES), the order
+the attention's batched matmuls read, so a step never transposes it.
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ PADDING_LOGIT = -1e9
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads",
                          "activation_kv")
-CACHE_AXES = ("cache_batch", "cache_length", "cache_heads", "cache_kv")
+CACHE_AXES = ("cache_batch", "cache_heads", "cache_length", "cache_kv")
 DECODE_MODES = (None, "prefill", "step")
 
 
@@ -75,6 +82,7 @@ class GPTConfig:
   attention_interpret: bool = False
   layer_norm_epsilon: float = 1e-5
   init_std: float = 0.02
+  scan_layers: bool = True  # nn.scan over periods; False unrolls them (see the docstring)
 
   def __post_init__(self):
     pattern = tuple(self.attention_pattern)
@@ -196,7 +204,7 @@ class SelfAttention(nn.Module):
     cfg = self.config
     slots = self.cache_length if window is None else min(window, self.cache_length)
     init = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
-    shape = (batch, slots, cfg.num_heads, cfg.head_dim)
+    shape = (batch, cfg.num_heads, slots, cfg.head_dim)
     return (self.variable("cache", "key", init, shape, jnp.dtype(cfg.dtype)),
             self.variable("cache", "value", init, shape, jnp.dtype(cfg.dtype)))
 
@@ -206,24 +214,25 @@ class SelfAttention(nn.Module):
     if prompt > self.cache_length:
       raise ValueError(f"prompt length {prompt} exceeds cache_length={self.cache_length}")
     cached_k, cached_v = self._cache(k.shape[0], window)
-    slots = cached_k.value.shape[1]
+    slots = cached_k.value.shape[2]
     for var, new in ((cached_k, k), (cached_v, v)):
+      new = jnp.swapaxes(new, 1, 2)  # [batch, heads, prompt, head_dim]
       if prompt <= slots:  # every position i lands in slot i (i < slots)
-        new = jnp.pad(new, ((0, 0), (0, slots - prompt), (0, 0), (0, 0)))
+        new = jnp.pad(new, ((0, 0), (0, 0), (0, slots - prompt), (0, 0)))
       else:  # ring buffer: the last `slots` positions, position i in slot i % slots
-        new = jnp.roll(new[:, prompt - slots:], (prompt - slots) % slots, axis=1)
+        new = jnp.roll(new[:, :, prompt - slots:], (prompt - slots) % slots, axis=2)
       var.value = _constrain(new.astype(var.value.dtype), CACHE_AXES)
 
   def _attend_cache(self, q, k, v, window, cache_index):
     """One query per row against the cache, after writing this step's key/value."""
     cached_k, cached_v = self._cache(k.shape[0], window)
-    slots = cached_k.value.shape[1]
+    slots = cached_k.value.shape[2]
     t = cache_index.index
     slot = t if window is None else t % slots
-    cached_k.value = _constrain(jax.lax.dynamic_update_slice_in_dim(
-        cached_k.value, k.astype(cached_k.value.dtype), slot, axis=1), CACHE_AXES)
-    cached_v.value = _constrain(jax.lax.dynamic_update_slice_in_dim(
-        cached_v.value, v.astype(cached_v.value.dtype), slot, axis=1), CACHE_AXES)
+    for var, new in ((cached_k, k), (cached_v, v)):
+      new = jnp.swapaxes(new, 1, 2).astype(var.value.dtype)  # [batch, heads, 1, head_dim]
+      var.value = _constrain(jax.lax.dynamic_update_slice_in_dim(var.value, new, slot, axis=2),
+                             CACHE_AXES)
     s = jnp.arange(slots)
     # The buffer position each slot holds: itself (dense), or the latest i <= t
     # with i % slots == s (ring). Slots not written yet map below key_start.
@@ -235,13 +244,13 @@ class SelfAttention(nn.Module):
 
 
 def masked_attention(q, k, v, visible):
-  """Softmax attention of q [b, 1, h, d] over k, v [b, s, h, d] where visible
-  [b, s] is True; float32 inside like kernels/reference.py."""
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+  """Softmax attention of q [b, 1, h, d] over k, v [b, h, s, d] (the cache's
+  layout) where visible [b, s] is True; float32 inside like kernels/reference.py."""
+  scores = jnp.einsum("bqhd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
   scores = scores * q.shape[-1] ** -0.5
   scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))
+  out = jnp.einsum("bhqk,bhkd->bqhd", probs, v.astype(jnp.float32))
   return out.astype(q.dtype)
 
 
@@ -345,14 +354,19 @@ class GPT(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
     # Decoding keeps no activations for a backward pass, so it never remats.
-    stack = nn.scan(_remat(Period, "none" if decode else cfg.remat_policy),
-                    variable_axes={"params": 0, "cache": 0},
-                    split_rngs={"params": True, "dropout": True},
-                    in_axes=nn.broadcast,
-                    length=cfg.num_periods,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(cfg, deterministic, decode, cache_length, name="layers")(
-        x, segment_ids, cache_index)
+    period = _remat(Period, "none" if decode else cfg.remat_policy)
+    if cfg.scan_layers:
+      stack = nn.scan(period, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=nn.broadcast,
+                      length=cfg.num_periods,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, deterministic, decode, cache_length, name="layers")(
+          x, segment_ids, cache_index)
+    else:
+      for i in range(cfg.num_periods):
+        x, _ = period(cfg, deterministic, decode, cache_length, name=f"layers_{i}")(
+            x, segment_ids, cache_index)
 
     if decode == "prefill":  # left padding: every row's last prompt token is last
       x = x[:, -1:]
@@ -384,6 +398,24 @@ def lm_loss(logits, targets, weights, z_loss=0.0):
   z_term = jnp.sum(jnp.square(log_z) * weights) / denom
   return loss + z_loss * z_term, {"nll_sum": jnp.sum(nll * weights),
                                   "weight_sum": total_weight, "z_loss": z_term}
+
+
+def unstack_layers(tree, num_periods):
+  """A params (or cache) tree of the scanned layout -> the unrolled one: the
+  'layers' subtree's leading period axis becomes 'layers_0' ... 'layers_{n-1}'."""
+  tree = dict(tree)
+  stacked = tree.pop("layers")
+  for i in range(num_periods):
+    tree[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  return tree
+
+
+def stack_layers(tree, num_periods):
+  """The inverse of unstack_layers (an unrolled tree -> the scanned layout)."""
+  tree = dict(tree)
+  periods = [tree.pop(f"layers_{i}") for i in range(num_periods)]
+  tree["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *periods)
+  return tree
 
 
 def abstract_variables(config, batch=1, length=None):

@@ -3,7 +3,8 @@
 Pure functions of (model, params, arrays) in the style of t5x's decoding.py;
 JAX only (no TF/seqio), so they run on an accelerator box. The host side (JSONL,
 vocabularies, checkpoints) is paxgpt/sampling_cli.py; `Decoder` below jits these
-functions for a mesh.
+functions for a mesh and is the API callers use: `sample`, `beam`, and for
+benchmarks the two halves of `sample`, `prefill` and `decode`.
 
 Layout: prompts are left-padded to a common width P, so every row's last prompt
 token sits at buffer position P - 1 and every row writes the same cache slot at
@@ -16,10 +17,24 @@ batch: temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
 repetition_penalty (1 = off; CTRL's rule: positive logits of seen tokens are
 divided by it, negative ones multiplied), no_repeat_ngram_size (0 = off),
 max_tokens, and one PRNG key per row, folded with the step number, so a seeded
-row samples the same tokens whatever else is in the batch.
+row samples the same tokens whatever else is in the batch. `DEFAULTS` holds
+the one set of request defaults (the CLI's SampleConfig starts from it).
+
+Specialisation: the compiled step is specialised on `Rules`, which rules any
+row of the batch uses (`Rules.of(rows)`), so a batch pays only for those: a
+greedy batch does no sorting, sampling or [batch, vocab] bookkeeping; top-k
+uses `lax.top_k` with a static bound instead of a sort; only top-p sorts the
+vocabulary. Every specialised step gives bit-for-bit the tokens of the general
+one (`Rules.general`, every rule on), row by row: a rule that a row leaves off
+is the identity on that row's logits.
+
+The Decoder decodes with unrolled layers (GPTConfig.scan_layers=False): it
+converts scanned parameters once, so no step slices weights out of the stacked
+arrays. Its compiled programs live on the instance (dropped with it).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -35,6 +50,21 @@ PAD_ID = 0
 NEG_INF = -1e30  # finite, so a fully masked row stays NaN-free
 RUNNING, EOS, LENGTH, STOP = 0, 1, 2, 3
 FINISH_REASONS = {EOS: "eos", LENGTH: "length", STOP: "stop"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDefaults:
+  """What a request gets for a setting it does not give: the one place."""
+  max_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+  no_repeat_ngram_size: int = 0
+  length_penalty: float = 0.6  # beam search's alpha
+
+
+DEFAULTS = RequestDefaults()
 
 
 @struct.dataclass
@@ -55,8 +85,10 @@ def row_key(seed, sample_index):
   return np.asarray(jax.random.key_data(key), np.uint32)
 
 
-def make_rows(batch, *, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-              no_repeat_ngram_size=0, max_tokens=16, seeds=0, sample_indices=0):
+def make_rows(batch, *, temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
+              top_p=DEFAULTS.top_p, repetition_penalty=DEFAULTS.repetition_penalty,
+              no_repeat_ngram_size=DEFAULTS.no_repeat_ngram_size,
+              max_tokens=DEFAULTS.max_tokens, seeds=0, sample_indices=0):
   """SamplingRows of numpy arrays; each setting a scalar (for every row) or a list."""
   full = lambda v, dtype: np.broadcast_to(np.asarray(v, dtype), (batch,)).copy()
   seeds, indices = full(seeds, np.int64), full(sample_indices, np.int64)
@@ -66,6 +98,40 @@ def make_rows(batch, *, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=
       no_repeat_ngram_size=full(no_repeat_ngram_size, np.int32),
       max_tokens=full(max_tokens, np.int32),
       keys=np.stack([row_key(s, i) for s, i in zip(seeds, indices)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """The static half of a batch's settings: which rules any row uses. Hashable,
+  so compiled steps are cached per Rules.
+
+  sample: some row samples (temperature > 0); False: every row is greedy.
+  top_k: a static bound >= every row's top_k (0: no row uses top-k; None: find
+    the k-th largest logit with a full sort, as the general step does).
+  top_p, penalty: some row uses nucleus sampling / a repetition penalty.
+  max_ngram: the largest no_repeat_ngram_size (0: the rule is off everywhere).
+  """
+  sample: bool = True
+  top_k: int | None = None
+  top_p: bool = True
+  penalty: bool = True
+  max_ngram: int = 0
+
+  @classmethod
+  def general(cls, max_ngram=0):
+    """Every rule on: the unspecialised step, the reference for the others."""
+    return cls(max_ngram=max_ngram)
+
+  @classmethod
+  def of(cls, rows: SamplingRows):
+    """The cheapest Rules that give `rows` (numpy) their tokens."""
+    sample = bool((rows.temperature > 0).any())
+    k = int(rows.top_k[rows.temperature > 0].max(initial=0))
+    return cls(sample=sample,
+               top_k=0 if k == 0 else 1 << (k - 1).bit_length(),  # few bounds to compile
+               top_p=sample and bool((rows.top_p[rows.temperature > 0] < 1).any()),
+               penalty=bool((rows.repetition_penalty != 1).any()),
+               max_ngram=int(rows.no_repeat_ngram_size.max(initial=0)))
 
 
 def left_pad(prompts, width=None):
@@ -116,10 +182,17 @@ def repeated_ngram_ban(tokens, key_start, last, ngram, vocab_size, max_ngram):
   return jnp.zeros((batch, vocab_size), bool).at[rows, follower].max(match)
 
 
-def top_k_mask(logits, k):
-  """Keep each row's k largest logits (k = 0 keeps all)."""
+def top_k_mask(logits, k, bound=None):
+  """Keep each row's k largest logits (k = 0 keeps all). With a static `bound`
+  >= every k, the k-th largest comes from lax.top_k (the same value a full
+  sort gives); without one, from a sort of the whole row."""
   vocab = logits.shape[-1]
-  ordered = -jnp.sort(-logits, axis=-1)
+  if bound is None:
+    ordered = -jnp.sort(-logits, axis=-1)
+  else:
+    bound = min(bound, vocab)
+    ordered, _ = jax.lax.top_k(logits, bound)
+    vocab = bound
   kth = jnp.take_along_axis(ordered, jnp.clip(k - 1, 0, vocab - 1)[:, None], axis=-1)
   return jnp.where((k[:, None] > 0) & (logits < kth), NEG_INF, logits)
 
@@ -135,15 +208,27 @@ def top_p_mask(logits, p):
   return jnp.where((p[:, None] < 1.0) & (logits < threshold), NEG_INF, logits)
 
 
-def choose_tokens(logits, rows: SamplingRows, step, seen, banned):
-  """The next token of every row: argmax for temperature 0, else a sample."""
-  logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
-  logits = jnp.where(banned, NEG_INF, logits)
+def choose_tokens(logits, rows: SamplingRows, step, seen, banned, rules=Rules()):
+  """The next token of every row: argmax for temperature 0, else a sample.
+
+  seen: [batch, vocab] bool, read when rules.penalty; banned: [batch, vocab]
+  bool or None (nothing banned). Each rule `rules` leaves off is skipped, which
+  is exact: on every row it would have been the identity."""
+  if rules.penalty:
+    logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
+  if banned is not None:
+    logits = jnp.where(banned, NEG_INF, logits)
   greedy = jnp.argmax(logits, axis=-1)
+  if not rules.sample:
+    return greedy.astype(jnp.int32)
   temperature = rows.temperature[:, None]
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-  scaled = jnp.where(banned, NEG_INF, scaled)
-  scaled = top_p_mask(top_k_mask(scaled, rows.top_k), rows.top_p)
+  if banned is not None:
+    scaled = jnp.where(banned, NEG_INF, scaled)
+  if rules.top_k != 0:
+    scaled = top_k_mask(scaled, rows.top_k, rules.top_k)
+  if rules.top_p:
+    scaled = top_p_mask(scaled, rows.top_p)
   keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(rows.keys)
   sampled = jax.vmap(jax.random.categorical)(keys, scaled)
   return jnp.where(rows.temperature > 0, sampled, greedy).astype(jnp.int32)
@@ -162,7 +247,7 @@ class DecodeState:
   step: jax.Array  # scalar: tokens generated so far (the same for every row)
   num_generated: jax.Array  # [batch] tokens the row produced before it finished
   finish: jax.Array  # [batch] RUNNING, EOS, LENGTH or STOP
-  seen: jax.Array  # [batch, vocab] bool: tokens in the prompt or generated
+  seen: jax.Array | None  # [batch, vocab] bool: prompt or generated; None: no penalty
   cache: Any
   prompt_width: int = struct.field(pytree_node=False)
 
@@ -174,14 +259,16 @@ def _positions_and_segments(lengths, width):
   return jnp.where(real, j - start, 0), real.astype(jnp.int32)
 
 
-def _advance(state: DecodeState, logits, rows, eos_id, max_ngram):
+def _advance(state: DecodeState, logits, rows, eos_id, rules: Rules):
   """Choose the token for generated position `state.step` and record it."""
   last = state.prompt_width + state.step - 1
   vocab = logits.shape[-1]
-  banned = repeated_ngram_ban(state.tokens, state.key_start, last, rows.no_repeat_ngram_size,
-                              vocab, max_ngram) if max_ngram else jnp.zeros(logits.shape, bool)
-  banned &= jnp.arange(vocab) != eos_id  # the rules never keep a row from ending
-  token = choose_tokens(logits, rows, state.step, state.seen, banned)
+  banned = None
+  if rules.max_ngram:
+    banned = repeated_ngram_ban(state.tokens, state.key_start, last, rows.no_repeat_ngram_size,
+                                vocab, rules.max_ngram)
+    banned &= jnp.arange(vocab) != eos_id  # the rules never keep a row from ending
+  token = choose_tokens(logits, rows, state.step, state.seen, banned, rules)
   running = state.finish == RUNNING
   token = jnp.where(running, token, PAD_ID)
   num_generated = state.num_generated + running
@@ -189,14 +276,15 @@ def _advance(state: DecodeState, logits, rows, eos_id, max_ngram):
   finish = jnp.where((finish == RUNNING) & (num_generated >= rows.max_tokens), LENGTH, finish)
   tokens = jax.lax.dynamic_update_slice_in_dim(
       state.tokens, token[:, None], state.prompt_width + state.step, axis=1)
-  batch = jnp.arange(token.shape[0])
-  seen = state.seen.at[batch, token].max(running & (token != eos_id))
+  seen = state.seen
+  if seen is not None:
+    seen = seen.at[jnp.arange(token.shape[0]), token].max(running & (token != eos_id))
   return state.replace(tokens=tokens, step=state.step + 1, num_generated=num_generated,
                        finish=finish, seen=seen)
 
 
 def prefill(model, params, prompts, lengths, rows: SamplingRows, *, max_new_tokens, eos_id,
-            max_ngram=0):
+            rules=Rules()):
   """Run the left-padded prompts [batch, P] through the model in one pass, fill
   the cache for P + max_new_tokens positions and choose the first new token."""
   batch, width = prompts.shape
@@ -207,18 +295,19 @@ def prefill(model, params, prompts, lengths, rows: SamplingRows, *, max_new_toke
   logits = logits[:, 0]
   key_start = width - lengths
   tokens = jnp.pad(prompts, ((0, 0), (0, max_new_tokens)), constant_values=PAD_ID)
-  # EOS (the prompts' leading token in paxgpt) is never penalised as a repeat.
-  seen = jnp.zeros((batch, logits.shape[-1]), bool).at[
-      jnp.arange(batch)[:, None], prompts].max(segments.astype(bool) & (prompts != eos_id))
+  seen = None
+  if rules.penalty:  # EOS (the prompts' leading token in paxgpt) is never penalised
+    seen = jnp.zeros((batch, logits.shape[-1]), bool).at[
+        jnp.arange(batch)[:, None], prompts].max(segments.astype(bool) & (prompts != eos_id))
   state = DecodeState(tokens=tokens, key_start=key_start, prompt_lengths=lengths,
                       step=jnp.int32(0), num_generated=jnp.zeros(batch, jnp.int32),
                       finish=jnp.full(batch, RUNNING, jnp.int32), seen=seen,
                       cache=variables["cache"], prompt_width=width)
-  return _advance(state, logits, rows, eos_id, max_ngram)
+  return _advance(state, logits, rows, eos_id, rules)
 
 
 def decode(model, params, state: DecodeState, rows: SamplingRows, until_step, *, eos_id,
-           max_ngram=0):
+           rules=Rules()):
   """Generate one token per step in a lax.while_loop until `until_step` tokens
   or until every row has finished (finished rows then cost nothing more)."""
   until_step = jnp.minimum(until_step, state.tokens.shape[1] - state.prompt_width)
@@ -234,9 +323,14 @@ def decode(model, params, state: DecodeState, rows: SamplingRows, until_step, *,
         {"params": params, "cache": s.cache}, fed, positions, decode="step",
         cache_index=gpt_model.CacheIndex(last, s.key_start), mutable=["cache"])
     s = s.replace(cache=variables["cache"])
-    return _advance(s, logits[:, 0], rows, eos_id, max_ngram)
+    return _advance(s, logits[:, 0], rows, eos_id, rules)
 
   return jax.lax.while_loop(cond, body, state)
+
+
+def without_eos(ids, finish):
+  """A row's generated ids without the EOS that ended it (the one place EOS is cut)."""
+  return ids[:-1] if finish == EOS else ids
 
 
 def generated(state: DecodeState):
@@ -244,11 +338,8 @@ def generated(state: DecodeState):
   tokens = np.asarray(jax.device_get(state.tokens))[:, state.prompt_width:]
   counts = np.asarray(jax.device_get(state.num_generated))
   finish = np.asarray(jax.device_get(state.finish))
-  out = []
-  for row, n in enumerate(counts):
-    ids = tokens[row, :n].tolist()
-    out.append(ids[:-1] if finish[row] == EOS else ids)
-  return out, finish
+  return [without_eos(tokens[row, :n].tolist(), finish[row])
+          for row, n in enumerate(counts)], finish
 
 
 # ---------------------------------------------------------------------------
@@ -260,9 +351,17 @@ def length_penalty(length, alpha):
   return ((5.0 + length) / 6.0) ** alpha
 
 
-def _gather_beams(cache, parents):
-  """Reorder cache rows ([layers, batch * beams, ...] leaves) by flat parent index."""
-  return jax.tree.map(lambda x: jnp.take(x, parents, axis=1), cache)
+@struct.dataclass
+class BeamState:
+  """What the beam search loop carries; [batch, beams, ...] unless noted."""
+  step: jax.Array  # scalar: tokens chosen so far
+  logits: jax.Array  # [batch * beams, vocab]: next-token logits of the live beams
+  cache: Any  # [batch * beams] rows
+  live_tokens: jax.Array  # [batch, beams, N]
+  live_logprob: jax.Array
+  done_tokens: jax.Array  # [batch, beams, N]: finished beams (ended with EOS)
+  done_score: jax.Array  # -inf where none yet
+  done_length: jax.Array
 
 
 def beam_search(model, params, prompts, lengths, alpha, *, beam_size, max_new_tokens, eos_id):
@@ -278,11 +377,12 @@ def beam_search(model, params, prompts, lengths, alpha, *, beam_size, max_new_to
   logits, variables = model.apply({"params": params}, prompts, positions, segments,
                                   decode="prefill", cache_length=width + n, mutable=["cache"])
   repeat = lambda x, axis: jnp.repeat(x, k, axis=axis)
-  cache = jax.tree.map(lambda x: repeat(x, 1), variables["cache"])
   key_start = repeat(width - lengths, 0)
   alpha = alpha[:, None]
-  init = dict(
-      step=jnp.int32(0), logits=repeat(logits[:, 0], 0), cache=cache,
+  rows_axis = 1 if model.config.scan_layers else 0  # the cache's batch axis
+  init = BeamState(
+      step=jnp.int32(0), logits=repeat(logits[:, 0], 0),
+      cache=jax.tree.map(lambda x: repeat(x, rows_axis), variables["cache"]),
       live_tokens=jnp.full((batch, k, n), PAD_ID, jnp.int32),
       live_logprob=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (batch, 1)),
       done_tokens=jnp.full((batch, k, n), PAD_ID, jnp.int32),
@@ -290,25 +390,25 @@ def beam_search(model, params, prompts, lengths, alpha, *, beam_size, max_new_to
 
   def cond(s):
     # Stop when no live beam can beat the worst finished one, even at full length.
-    best_live = s["live_logprob"][:, 0] / length_penalty(n, alpha[:, 0])
-    settled = jnp.min(s["done_score"], axis=1) >= best_live
-    return (s["step"] < n) & ~jnp.all(settled)
+    best_live = s.live_logprob[:, 0] / length_penalty(n, alpha[:, 0])
+    settled = jnp.min(s.done_score, axis=1) >= best_live
+    return (s.step < n) & ~jnp.all(settled)
 
   def body(s):
-    step = s["step"]
-    vocab = s["logits"].shape[-1]
-    logprobs = jax.nn.log_softmax(s["logits"]).reshape(batch, k, vocab)
-    candidates = (s["live_logprob"][:, :, None] + logprobs).reshape(batch, k * vocab)
+    step = s.step
+    vocab = s.logits.shape[-1]
+    logprobs = jax.nn.log_softmax(s.logits).reshape(batch, k, vocab)
+    candidates = (s.live_logprob[:, :, None] + logprobs).reshape(batch, k * vocab)
     cand_logprob, flat = jax.lax.top_k(candidates, 2 * k)
     parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
-    seqs = jnp.take_along_axis(s["live_tokens"], parent[:, :, None], axis=1)
+    seqs = jnp.take_along_axis(s.live_tokens, parent[:, :, None], axis=1)
     seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], step, axis=2)
     ends = token == eos_id
     # Finished: the candidates ending in EOS, merged with those kept so far.
     score = cand_logprob / length_penalty(step + 1.0, alpha)
-    all_score = jnp.concatenate([s["done_score"], jnp.where(ends, score, -jnp.inf)], 1)
-    all_tokens = jnp.concatenate([s["done_tokens"], seqs], 1)
-    all_length = jnp.concatenate([s["done_length"], jnp.full_like(token, step + 1)], 1)
+    all_score = jnp.concatenate([s.done_score, jnp.where(ends, score, -jnp.inf)], 1)
+    all_tokens = jnp.concatenate([s.done_tokens, seqs], 1)
+    all_length = jnp.concatenate([s.done_length, jnp.full_like(token, step + 1)], 1)
     done_score, keep = jax.lax.top_k(all_score, k)
     pick = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), 1)
     # Live: the best k candidates that did not end.
@@ -316,25 +416,25 @@ def beam_search(model, params, prompts, lengths, alpha, *, beam_size, max_new_to
     live_tokens = jnp.take_along_axis(seqs, keep_live[:, :, None], axis=1)
     parents = jnp.take_along_axis(parent, keep_live, axis=1)
     flat_parents = (jnp.arange(batch)[:, None] * k + parents).reshape(-1)
-    cache = _gather_beams(s["cache"], flat_parents)
+    cache = jax.tree.map(lambda x: jnp.take(x, flat_parents, axis=rows_axis), s.cache)
     last = width + step
     fed = jnp.take_along_axis(live_tokens, jnp.full((batch, k, 1), step), axis=2)
     positions = (repeat(lengths, 0) + step)[:, None]
     logits, variables = model.apply(
         {"params": params, "cache": cache}, fed.reshape(batch * k, 1), positions,
         decode="step", cache_index=gpt_model.CacheIndex(last, key_start), mutable=["cache"])
-    return dict(step=step + 1, logits=logits[:, 0], cache=variables["cache"],
-                live_tokens=live_tokens, live_logprob=live_logprob,
-                done_tokens=pick(all_tokens), done_score=done_score,
-                done_length=pick(all_length))
+    return BeamState(step=step + 1, logits=logits[:, 0], cache=variables["cache"],
+                     live_tokens=live_tokens, live_logprob=live_logprob,
+                     done_tokens=pick(all_tokens), done_score=done_score,
+                     done_length=pick(all_length))
 
   s = jax.lax.while_loop(cond, body, init)
   # Rank finished beams before live ones (a live beam ran out of length).
-  live_score = s["live_logprob"] / length_penalty(s["step"].astype(jnp.float32), alpha)
-  score = jnp.concatenate([s["done_score"], live_score], 1)
-  finished = jnp.concatenate([jnp.isfinite(s["done_score"]), jnp.zeros((batch, k), bool)], 1)
-  tokens = jnp.concatenate([s["done_tokens"], s["live_tokens"]], 1)
-  num = jnp.concatenate([s["done_length"], jnp.full((batch, k), s["step"])], 1)
+  live_score = s.live_logprob / length_penalty(s.step.astype(jnp.float32), alpha)
+  score = jnp.concatenate([s.done_score, live_score], 1)
+  finished = jnp.concatenate([jnp.isfinite(s.done_score), jnp.zeros((batch, k), bool)], 1)
+  tokens = jnp.concatenate([s.done_tokens, s.live_tokens], 1)
+  num = jnp.concatenate([s.done_length, jnp.full((batch, k), s.step)], 1)
   order = jnp.argsort(-score, axis=1, stable=True)
   order = jnp.take_along_axis(order, jnp.argsort(
       ~jnp.take_along_axis(finished, order, 1), axis=1, stable=True), 1)[:, :k]
@@ -362,22 +462,47 @@ def init_params(config, partitioner, seed=0):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
+@dataclasses.dataclass
+class DecodeRun:
+  """A batch being decoded (host side): what `Decoder.decode` continues."""
+  state: DecodeState
+  rows: SamplingRows  # on the devices
+  rules: Rules
+  real: int  # rows that are not batch padding
+  max_new_tokens: int
+
+
 class Decoder:
   """Jitted prefill / decode / beam search for one model on one mesh.
 
+  Takes parameters in either layer layout and decodes with `scan_layers`
+  (default False: unrolled; the parameters are converted once, here).
   Batches are padded with copies of their last row up to a multiple of the
-  mesh's batch axes; the copies are dropped from the results.
+  mesh's batch shards; the copies are dropped from the results.
   """
 
-  def __init__(self, config, params, partitioner, eos_id):
-    self.config = config
-    self.model = gpt_model.GPT(config)
-    self.params = params
+  def __init__(self, config, params, partitioner, eos_id, *, scan_layers=False):
+    self.config = dataclasses.replace(config, scan_layers=scan_layers)
+    self.model = gpt_model.GPT(self.config)
     self.partitioner = partitioner
     self.eos_id = -1 if eos_id is None else int(eos_id)
-    spec = partitioner.spec(("batch",))[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    self.batch_multiple = int(np.prod([partitioner.axis_sizes[a] for a in axes]))
+    self.batch_multiple = partitioner.shards("batch")
+    self.params = self._in_layout(params)
+    self._programs = {}  # per instance, so they go with it
+
+  def _in_layout(self, params):
+    if ("layers" in params) == self.config.scan_layers:
+      return params
+    convert = gpt_model.unstack_layers if "layers" in params else gpt_model.stack_layers
+    _, shardings = abstract_params(self.config, self.partitioner)
+    with self.partitioner.activate():
+      return jax.jit(functools.partial(convert, num_periods=self.config.num_periods),
+                     out_shardings=shardings)(params)
+
+  def _program(self, key, make):
+    if key not in self._programs:
+      self._programs[key] = make()
+    return self._programs[key]
 
   def _pad_batch(self, prompts, rows_to=None):
     target = max(len(prompts), rows_to or 0)
@@ -388,23 +513,37 @@ class Decoder:
     return jax.device_put(tree, jax.tree.map(
         lambda x: self.partitioner.sharding(("batch",) + (None,) * (np.ndim(x) - 1)), tree))
 
-  @functools.lru_cache(maxsize=32)
-  def _prefill_fn(self, max_new_tokens, max_ngram):
-    return jax.jit(functools.partial(prefill, self.model, max_new_tokens=max_new_tokens,
-                                     eos_id=self.eos_id, max_ngram=max_ngram))
+  def prefill(self, prompts, rows: SamplingRows, *, width=None, max_new_tokens=None,
+              rows_to=None, rules=None) -> DecodeRun:
+    """Start decoding token-list prompts with numpy `rows`: the prompts' pass
+    and the first new token. width, max_new_tokens, rows_to: see `sample`;
+    rules: the step's specialisation (None: Rules.of(rows))."""
+    padded, real = self._pad_batch(prompts, rows_to)
+    extra = len(padded) - real
+    rows = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), rows)
+    rows = rows.replace(max_tokens=np.where(np.arange(len(padded)) < real, rows.max_tokens, 1))
+    rules = Rules.of(rows) if rules is None else rules
+    tokens, lengths = left_pad(padded, width)
+    max_new = max(int(rows.max_tokens.max()), max_new_tokens or 0)
+    fn = self._program(("prefill", max_new, rules), lambda: jax.jit(functools.partial(
+        prefill, self.model, max_new_tokens=max_new, eos_id=self.eos_id, rules=rules)))
+    device_rows = self._put(jax.tree.map(jnp.asarray, rows))
+    with self.partitioner.activate():
+      state = fn(self.params, self._put(jnp.asarray(tokens)), self._put(jnp.asarray(lengths)),
+                 device_rows)
+    return DecodeRun(state, device_rows, rules, real, max_new)
 
-  @functools.lru_cache(maxsize=32)
-  def _decode_fn(self, max_ngram):
-    return jax.jit(functools.partial(decode, self.model, eos_id=self.eos_id,
-                                     max_ngram=max_ngram), donate_argnums=(1,))
-
-  @functools.lru_cache(maxsize=32)
-  def _beam_fn(self, beam_size, max_new_tokens):
-    return jax.jit(functools.partial(beam_search, self.model, beam_size=beam_size,
-                                     max_new_tokens=max_new_tokens, eos_id=self.eos_id))
+  def decode(self, run: DecodeRun, until_step) -> DecodeRun:
+    """Continue `run` until `until_step` tokens (or every row finished); returns it."""
+    rules = run.rules
+    fn = self._program(("decode", rules), lambda: jax.jit(functools.partial(
+        decode, self.model, eos_id=self.eos_id, rules=rules), donate_argnums=(1,)))
+    with self.partitioner.activate():
+      run.state = fn(self.params, run.state, run.rows, jnp.int32(until_step))
+    return run
 
   def sample(self, prompts, rows: SamplingRows, *, width=None, max_new_tokens=None,
-             rows_to=None, chunk=None, should_stop=None):
+             rows_to=None, chunk=None, should_stop=None, rules=None):
     """Sample for token-list prompts with numpy `rows`.
 
     width, max_new_tokens, rows_to: the prompt width, the decode length (at
@@ -413,45 +552,44 @@ class Decoder:
     chunk: decode this many tokens between host checks (None: all at once);
     should_stop(row, token_ids) -> bool is asked after each chunk for running
     rows (stop strings); a True finishes the row with STOP.
+    rules: None (specialise on rows) or e.g. Rules.general(max_ngram) to force
+    the general step.
     Returns (per-row token lists without EOS, per-row finish codes).
     """
-    padded, real = self._pad_batch(prompts, rows_to)
-    extra = len(padded) - real
-    rows = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, 0)]), rows)
-    rows = rows.replace(max_tokens=np.where(np.arange(len(padded)) < real, rows.max_tokens, 1))
-    tokens, lengths = left_pad(padded, width)
-    max_new = max(int(rows.max_tokens.max()), max_new_tokens or 0)
-    max_ngram = int(rows.no_repeat_ngram_size.max())
-    device_rows = self._put(jax.tree.map(jnp.asarray, rows))
-    with self.partitioner.activate():
-      state = self._prefill_fn(max_new, max_ngram)(
-          self.params, self._put(jnp.asarray(tokens)), self._put(jnp.asarray(lengths)),
-          device_rows)
-      decode_fn = self._decode_fn(max_ngram)
-      step = 1
-      while True:
-        step = max_new if chunk is None else min(max_new, step + chunk)
-        state = decode_fn(self.params, state, device_rows, jnp.int32(step))
-        finish = np.array(jax.device_get(state.finish))
-        if should_stop is not None:
-          ids, _ = generated(state)
-          stopped = [r for r in range(real) if finish[r] == RUNNING and should_stop(r, ids[r])]
-          if stopped:
-            finish[stopped] = STOP
-            state = state.replace(finish=self._put(jnp.asarray(finish)))
-        if (finish[:real] != RUNNING).all() or int(state.step) >= max_new:
-          break
-    ids, finish = generated(state)
+    run = self.prefill(prompts, rows, width=width, max_new_tokens=max_new_tokens,
+                       rows_to=rows_to, rules=rules)
+    real, max_new = run.real, run.max_new_tokens
+    step = 1
+    while True:
+      step = max_new if chunk is None else min(max_new, step + chunk)
+      run = self.decode(run, step)
+      finish = np.array(jax.device_get(run.state.finish))
+      if should_stop is not None:
+        ids, _ = generated(run.state)
+        stopped = [r for r in range(real) if finish[r] == RUNNING and should_stop(r, ids[r])]
+        if stopped:
+          finish[stopped] = STOP
+          run.state = run.state.replace(finish=self._put(jnp.asarray(finish)))
+      if (finish[:real] != RUNNING).all() or int(run.state.step) >= max_new:
+        break
+    ids, finish = generated(run.state)
     return ids[:real], finish[:real]
 
   def beam(self, prompts, beam_size, max_new_tokens, alpha, *, width=None, rows_to=None):
-    """Beam search; returns numpy (tokens, scores, num_tokens, finish) per prompt."""
+    """Beam search. Returns (ids, scores, finish) per prompt, best beam first:
+    ids[prompt][beam] a token list without EOS; scores and finish numpy
+    [prompts, beams] (a finished beam's score counts its EOS)."""
     padded, real = self._pad_batch(prompts, rows_to)
     tokens, lengths = left_pad(padded, width)
     alpha = np.broadcast_to(np.asarray(alpha, np.float32), (real,))
     alpha = np.concatenate([alpha, np.repeat(alpha[-1:], len(padded) - real)])
+    fn = self._program(("beam", beam_size, max_new_tokens), lambda: jax.jit(functools.partial(
+        beam_search, self.model, beam_size=beam_size, max_new_tokens=max_new_tokens,
+        eos_id=self.eos_id)))
     with self.partitioner.activate():
-      out = self._beam_fn(beam_size, max_new_tokens)(
-          self.params, self._put(jnp.asarray(tokens)), self._put(jnp.asarray(lengths)),
-          self._put(jnp.asarray(alpha)))
-    return tuple(np.asarray(x)[:real] for x in jax.device_get(out))
+      out = fn(self.params, self._put(jnp.asarray(tokens)), self._put(jnp.asarray(lengths)),
+               self._put(jnp.asarray(alpha)))
+    tokens, scores, num, finish = (np.asarray(x)[:real] for x in jax.device_get(out))
+    ids = [[without_eos(tokens[r, b, :num[r, b]].tolist(), finish[r, b])
+            for b in range(beam_size)] for r in range(real)]
+    return ids, scores, finish

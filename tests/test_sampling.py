@@ -1,6 +1,8 @@
-"""Decoding: the KV cache against full forward passes, sampling rules, beam search,
-per-row seeds, and the 8-device mesh. Shapes are tiny and shared so that the few
+"""Decoding: the KV cache against full forward passes (scanned and unrolled
+layers), sampling rules, the specialised steps against the general one, beam
+search, per-row seeds, and the 8-device mesh. Shapes are tiny and shared so that the few
 compiled programs are reused across tests."""
+import dataclasses
 import functools
 import os
 
@@ -31,7 +33,6 @@ def tiny_config(init_std=0.3):
     finally:
       gin.clear_config()
   assert config.dtype == "float32" and config.attention_pattern == ("dense", "banded")
-  import dataclasses
   return dataclasses.replace(config, init_std=init_std)
 
 
@@ -76,8 +77,12 @@ def greedy_rows(n, **kwargs):
 # The cache.
 
 
-def test_cached_decoding_logits_equal_full_forward_dense_and_banded():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_decoding_logits_equal_full_forward_dense_and_banded(scan_layers):
   config, params, _ = setup()
+  config = dataclasses.replace(config, scan_layers=scan_layers)
+  if not scan_layers:
+    params = model.unstack_layers(params, config.num_periods)
   gpt = model.GPT(config)
   rng = np.random.default_rng(0)
   lengths = np.array([5, 2, 3], np.int32)
@@ -95,14 +100,17 @@ def test_cached_decoding_logits_equal_full_forward_dense_and_banded():
       {"params": p, "cache": c}, t, pos, decode="step",
       cache_index=model.CacheIndex(index, start), mutable=["cache"]))
   full = np.asarray(jax.jit(lambda p, t: gpt.apply({"params": p}, t))(params, seqs))
+  layers = lambda tree: tree["layers"] if scan_layers else tree["layers_0"]
 
   logits, variables = prefill(params, padded, positions, segments)
   cache = variables["cache"]
-  dense = cache["layers"]["0_dense"]["attention"]["key"]
-  banded = cache["layers"]["1_banded"]["attention"]["key"]
-  # [periods, batch, slots, heads, head_dim]: the ring buffer holds W slots only.
-  assert dense.value.shape[2] == total and banded.value.shape[2] == config.window
-  assert dense.names == ("layers",) + model.CACHE_AXES
+  dense = layers(cache)["0_dense"]["attention"]["key"]
+  banded = layers(cache)["1_banded"]["attention"]["key"]
+  # [(periods,) batch, heads, slots, head_dim]: the ring buffer holds W slots only.
+  lead = ("layers",) if scan_layers else ()
+  assert dense.value.shape[len(lead) + 2] == total
+  assert banded.value.shape[len(lead) + 2] == config.window
+  assert dense.names == lead + model.CACHE_AXES
   rows = np.arange(3)
   np.testing.assert_allclose(logits[:, 0], full[rows, lengths - 1], atol=1e-4, rtol=0)
   for i in range(STEPS - width):
@@ -131,18 +139,16 @@ def test_greedy_equals_repeated_argmax_of_full_forward():
 def test_beam_size_one_equals_greedy_and_wider_beams_score_at_least_as_well():
   config, params, decoder = setup()
   greedy, _ = decoder.sample(PROMPTS, greedy_rows(3), width=8)
-  tokens, scores, num, finish = decoder.beam(PROMPTS, 1, MAX_NEW, 0.6, width=8)
-  for row, want in enumerate(greedy):
-    got = tokens[row, 0, :num[row, 0]].tolist()
-    assert (got[:-1] if finish[row, 0] == sampling.EOS else got) == want
-  wide_tokens, wide_scores, wide_num, _ = decoder.beam(PROMPTS, 3, MAX_NEW, 0.6, width=8)
+  ids, scores, finish = decoder.beam(PROMPTS, 1, MAX_NEW, 0.6, width=8)
+  assert [row[0] for row in ids] == greedy
+  wide_ids, wide_scores, wide_finish = decoder.beam(PROMPTS, 3, MAX_NEW, 0.6, width=8)
   assert np.all(wide_scores[:, 0] >= scores[:, 0] - 1e-5)
   assert np.all(np.diff(wide_scores, axis=1) <= 1e-6)  # best first
   # Each score is the sequence's log-probability under a full forward pass over
   # the GNMT length penalty.
   for row, prompt in enumerate(PROMPTS):
     for beam in range(3):
-      seq = wide_tokens[row, beam, :wide_num[row, beam]].tolist()
+      seq = wide_ids[row][beam] + ([EOS] if wide_finish[row, beam] == sampling.EOS else [])
       padded = np.zeros((1, FULL_LEN), np.int32)
       padded[0, :len(prompt) + len(seq)] = prompt + seq
       logprobs = jax.nn.log_softmax(full_forward()(padded)[0])
