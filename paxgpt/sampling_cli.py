@@ -30,7 +30,6 @@ from typing import Any
 import gin
 import jax
 
-import tasks
 from paxgpt import checkpoint, data, model, sampling, sharding
 from paxgpt import trainer  # noqa: F401  (registers the configurables experiment files bind)
 from paxgpt.errors import UsageError
@@ -43,7 +42,7 @@ MAX_SEED = 2**31 - 1
 class SampleConfig:
   """checkpoint_dir: the training run's MODEL_DIR (its latest checkpoint, or --step).
   batch_size: rows (prompt x sample, or prompt x beam) decoded together.
-  max_tokens, temperature, top_k, top_p, length_penalty: defaults for requests.
+  max_tokens ... length_penalty: defaults for requests (sampling.DEFAULTS unless set).
   seed: the seed of requests that give none (None: a fresh random one, reported).
   prompt_bucket: prompt widths and decode lengths are rounded up to a multiple of
     this (and batches to a power of two), so batches share compiled programs.
@@ -51,11 +50,13 @@ class SampleConfig:
   vocabulary: a vocabulary spec (tasks/vocabularies.py); None: DataConfig's."""
   checkpoint_dir: str | None = None
   batch_size: int = 8
-  max_tokens: int = 64
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  length_penalty: float = 0.6
+  max_tokens: int = sampling.DEFAULTS.max_tokens
+  temperature: float = sampling.DEFAULTS.temperature
+  top_k: int = sampling.DEFAULTS.top_k
+  top_p: float = sampling.DEFAULTS.top_p
+  repetition_penalty: float = sampling.DEFAULTS.repetition_penalty
+  no_repeat_ngram_size: int = sampling.DEFAULTS.no_repeat_ngram_size
+  length_penalty: float = sampling.DEFAULTS.length_penalty
   seed: int | None = None
   prompt_bucket: int = 16
   stop_check_every: int = 16
@@ -77,20 +78,21 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass
 class Request:
+  """A validated line; parse_request fills every setting (defaults: SampleConfig)."""
   line: int
   prompt: str
   ids: list  # EOS + the encoded prompt
   n: int
   max_tokens: int
   stop: list
-  beam_size: int = 0  # 0: sampling
-  length_penalty: float = 0.6
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  repetition_penalty: float = 1.0
-  no_repeat_ngram_size: int = 0
+  beam_size: int  # 0: sampling
+  length_penalty: float
+  temperature: float
+  top_k: int
+  top_p: float
+  seed: int
+  repetition_penalty: float
+  no_repeat_ngram_size: int
   id: Any = None
 
 
@@ -167,10 +169,12 @@ def parse_request(line, text, config: SampleConfig, vocab, max_len) -> Request:
       top_k=_int(line, "top_k", obj.get("top_k", config.top_k), 0),
       top_p=_float(line, "top_p", obj.get("top_p", config.top_p), 0.0, 1.0, low_open=True),
       seed=seed,
-      repetition_penalty=_float(line, "repetition_penalty", obj.get("repetition_penalty", 1.0),
+      repetition_penalty=_float(line, "repetition_penalty",
+                                obj.get("repetition_penalty", config.repetition_penalty),
                                 0.0, low_open=True),
       no_repeat_ngram_size=_int(line, "no_repeat_ngram_size",
-                                obj.get("no_repeat_ngram_size", 0), 0),
+                                obj.get("no_repeat_ngram_size", config.no_repeat_ngram_size),
+                                0),
       id=obj.get("id"))
   request.ids = [vocab.eos_id] + list(vocab.encode(request.prompt))
   if len(request.ids) + request.max_tokens > max_len:
@@ -255,16 +259,14 @@ def _run_beams(decoder, vocab, requests, config, max_len, results):
     for start in range(0, len(group), per_batch):
       reqs = group[start:start + per_batch]
       width = _round_up(max(len(r.ids) for r in reqs), config.prompt_bucket, max_len)
-      tokens, scores, num, finish = decoder.beam(
+      ids, scores, finish = decoder.beam(
           [r.ids for r in reqs], beam_size, max_tokens, [r.length_penalty for r in reqs],
           width=width, rows_to=_rows_to(len(reqs), per_batch))
       for row, request in enumerate(reqs):
         out = results[request.line]
         for beam in range(request.n):
-          ids = tokens[row, beam, :num[row, beam]].tolist()
-          if finish[row, beam] == sampling.EOS:
-            ids = ids[:-1]
-          out["samples"][beam] = _completion(ids, finish[row, beam], request.stop, vocab)
+          out["samples"][beam] = _completion(ids[row][beam], finish[row, beam], request.stop,
+                                             vocab)
           out["scores"].append(float(scores[row, beam]))
 
 
@@ -311,12 +313,15 @@ def _output(result):
 # The command.
 
 
-def load_vocabulary(config: SampleConfig):
-  spec = config.vocabulary or data.DataConfig().vocabulary
+def load_vocabulary(config: SampleConfig, model_vocab_size):
+  """The vocabulary, checked against the model by data's own check."""
+  data_config = dataclasses.replace(data.DataConfig(), vocabulary=config.vocabulary or
+                                    data.DataConfig().vocabulary)
   try:
-    return tasks.get_vocabulary(spec)
-  except ValueError as e:
-    raise UsageError(f"vocabulary {spec!r}: {e}") from e
+    data.check_model_vocab_size(data_config, model_vocab_size)
+    return data.get_vocabulary(data_config)
+  except ValueError as e:  # DataError, or an unknown vocabulary spec
+    raise UsageError(f"vocabulary {data_config.vocabulary!r}: {e}") from e
 
 
 def sample_command(args):
@@ -330,10 +335,7 @@ def sample_command(args):
   except OSError as e:
     raise UsageError(f"--prompts={args.prompts}: {e.strerror}") from e
   model_config = model.GPTConfig()
-  vocab = load_vocabulary(config)
-  if vocab.vocab_size > model_config.vocab_size:
-    raise UsageError(f"the vocabulary has {vocab.vocab_size} ids but the model's vocab_size "
-                     f"is {model_config.vocab_size}")
+  vocab = load_vocabulary(config, model_config.vocab_size)
   overrides = sharding.parse_mesh_flag(args.mesh) if args.mesh else {}
   partitioner = sharding.Partitioner(sharding.make_mesh(**overrides))
   abstract, shardings = sampling.abstract_params(model_config, partitioner)
