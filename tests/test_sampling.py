@@ -222,6 +222,66 @@ def test_sampling_on_eight_devices_matches_one_device():
 
 
 # ---------------------------------------------------------------------------
+# Specialised steps against the general one.
+
+MIXED = {
+    "greedy_next_to_sampled": dict(temperature=[0.0, 1.0, 0.7]),
+    "top_k_next_to_top_p": dict(temperature=[1.0, 0.9, 1.2], top_k=[5, 0, 3],
+                                top_p=[1.0, 0.8, 0.9]),
+    "penalties_next_to_none": dict(temperature=[0.0, 1.0, 0.0], repetition_penalty=[1.5, 1.0, 1.0],
+                                   no_repeat_ngram_size=[0, 2, 0]),
+    "sampled_with_penalty_and_top_k": dict(temperature=[1.0, 0.0, 0.8], top_k=[0, 7, 2],
+                                           repetition_penalty=[1.0, 1.2, 0.7]),
+    "all_greedy": dict(temperature=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED))
+def test_specialised_steps_give_the_general_steps_tokens(name):
+  _, _, decoder = setup()
+  rows = sampling.make_rows(3, max_tokens=MAX_NEW, seeds=[3, 4, 5], **MIXED[name])
+  rules = sampling.Rules.of(rows)
+  general = sampling.Rules.general(max_ngram=rules.max_ngram)
+  assert rules != general
+  got = decoder.sample(PROMPTS, rows, width=8)
+  want = decoder.sample(PROMPTS, rows, width=8, rules=general)
+  assert got[0] == want[0] and list(got[1]) == list(want[1])
+  if name == "all_greedy":  # and the cheapest step is still the repeated argmax
+    assert got[0] == [reference_greedy(p, MAX_NEW) for p in PROMPTS]
+
+
+def test_rules_of_a_batch_turn_on_only_what_some_row_uses():
+  greedy = sampling.Rules.of(greedy_rows(4, top_k=5, top_p=0.5))  # greedy ignores both
+  assert greedy == sampling.Rules(sample=False, top_k=0, top_p=False, penalty=False,
+                                  max_ngram=0)
+  mixed = sampling.Rules.of(sampling.make_rows(3, temperature=[0.0, 1.0, 1.0], top_k=[0, 5, 3],
+                                               repetition_penalty=[1.0, 1.0, 1.1],
+                                               no_repeat_ngram_size=[3, 0, 0]))
+  assert mixed == sampling.Rules(sample=True, top_k=8, top_p=False, penalty=True, max_ngram=3)
+
+
+def test_top_k_with_a_static_bound_equals_the_full_sort():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(np.round(rng.normal(size=(6, 300)), 1), jnp.float32)  # many ties
+  k = jnp.array([0, 1, 2, 7, 16, 3])
+  want = sampling.top_k_mask(logits, k)
+  for bound in (16, 32, 1024):
+    np.testing.assert_array_equal(sampling.top_k_mask(logits, k, bound), want)
+
+
+def test_scanned_and_unrolled_decoders_agree():
+  config, params, decoder = setup()
+  scanned = sampling.Decoder(config, params, one_device(), eos_id=EOS, scan_layers=True)
+  assert "layers" in scanned.params and "layers_0" in decoder.params
+  rows = sampling.make_rows(3, temperature=[0.0, 1.0, 0.8], top_k=[0, 0, 4], max_tokens=MAX_NEW,
+                            seeds=[1, 2, 3])
+  assert scanned.sample(PROMPTS, rows, width=8)[0] == decoder.sample(PROMPTS, rows, width=8)[0]
+  round_trip = model.stack_layers(model.unstack_layers(params, config.num_periods),
+                                  config.num_periods)
+  jax.tree.map(np.testing.assert_array_equal, round_trip, params)
+
+
+# ---------------------------------------------------------------------------
 # Logit rules on crafted numbers.
 
 
