@@ -3,13 +3,23 @@
   python -m paxgpt.bench_decode [--gin_file=FILE (default gin/experiments/demo.gin)]
       [--gin.NAME=VALUE]
       [--batch_sizes=1,8,32] [--prompt_len=32] [--new_tokens=64] [--mesh=data:1,fsdp:-1]
-      [--checkpoint_dir=DIR]
+      [--checkpoint_dir=DIR] [--scan_layers]
+  python -m paxgpt.bench_decode --vs_hf [--batch_sizes=1,8,32] [--prompt_len=64]
+      [--new_tokens=128]
 
 Random weights unless --checkpoint_dir is given (a training MODEL_DIR). Greedy
 decoding with no EOS, so every row decodes all new tokens. Prints a table: the
-prefill time, the time per decode step (one token for every row), and decode
-tokens per second (batch x decoded tokens / decode time). The first call of each
-shape compiles and is not timed.
+prefill time, the time per decode step (one token for every row), and tokens
+per second (batch x new tokens / (prefill + decode) time, the basis on which
+transformers' generate() is timed). The first call of each shape compiles (its
+time is reported) and is not timed. --scan_layers decodes with the scanned layer
+stack instead of the unrolled one.
+
+--vs_hf builds a GPT-Neo-125M-shaped model (12 layers, d 768, 12 heads, window
+256, vocab 50257, float32) in transformers with random weights, maps it into
+paxgpt, and times transformers' generate() (torch, eager) against the Decoder
+on the same prompts, with the ratio and whether every row's tokens are identical.
+A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -18,7 +28,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from paxgpt import main as cli
@@ -39,32 +48,140 @@ def register_run_configurables():
     pass
 
 
-def measure(decoder, batch, prompt_len, new_tokens, vocab_size, repeats=2, seed=0):
-  """(prefill seconds, decode seconds) for one batch, best of `repeats`."""
+def random_prompts(batch, prompt_len, vocab_size, seed=0):
   rng = np.random.default_rng(seed)
-  prompts = rng.integers(3, vocab_size, size=(batch, prompt_len)).astype(np.int32)
-  lengths = np.full(batch, prompt_len, np.int32)
+  return rng.integers(3, vocab_size, size=(batch, prompt_len)).astype(np.int32)
+
+
+def measure(decoder, prompts, new_tokens, repeats=2):
+  """(compile s, prefill s, decode s, token lists) for one batch: the first call
+  compiles, then the best of `repeats`."""
+  batch = len(prompts)
   rows = sampling.make_rows(batch, temperature=0.0, max_tokens=new_tokens)
-  prefill = decoder._prefill_fn(new_tokens, 0)
-  decode = decoder._decode_fn(0)
-  put = decoder._put
-  best = (float("inf"), float("inf"))
-  with decoder.partitioner.activate():
-    device_rows = put(jax.tree.map(jnp.asarray, rows))
-    tokens, lengths = put(jnp.asarray(prompts)), put(jnp.asarray(lengths))
-    for attempt in range(repeats + 1):  # the first one compiles
-      start = time.perf_counter()
-      state = prefill(decoder.params, tokens, lengths, device_rows)
-      jax.block_until_ready(state.tokens)
-      middle = time.perf_counter()
-      state = decode(decoder.params, state, device_rows, jnp.int32(new_tokens))
-      jax.block_until_ready(state.tokens)
-      end = time.perf_counter()
-      if int(state.step) != new_tokens:
-        raise RuntimeError(f"decoded {int(state.step)} of {new_tokens} tokens")
-      if attempt:
-        best = (min(best[0], middle - start), min(best[1], end - middle))
-  return best
+  prompts = [list(p) for p in prompts]
+  best, compile_s = (float("inf"), float("inf")), 0.0
+  for attempt in range(repeats + 1):
+    start = time.perf_counter()
+    run = decoder.prefill(prompts, rows)
+    jax.block_until_ready(run.state.tokens)
+    middle = time.perf_counter()
+    run = decoder.decode(run, new_tokens)
+    jax.block_until_ready(run.state.tokens)
+    end = time.perf_counter()
+    if int(run.state.step) != new_tokens:
+      raise RuntimeError(f"decoded {int(run.state.step)} of {new_tokens} tokens")
+    if attempt:
+      best = (min(best[0], middle - start), min(best[1], end - middle))
+    else:
+      compile_s = end - start
+  ids, _ = sampling.generated(run.state)
+  return compile_s - sum(best), best[0], best[1], ids[:batch]
+
+
+# ---------------------------------------------------------------------------
+# Against transformers' generate().
+
+
+def neo_config(scan_layers=False):
+  """GPT-Neo-125M's shape as a GPTConfig (float32; global/local = dense/banded)."""
+  return model.GPTConfig(vocab_size=50257, num_layers=12, d_model=768, num_heads=12,
+                         max_len=2048, window=256, attention_pattern=("dense", "banded"),
+                         dtype="float32", param_dtype="float32", scan_layers=scan_layers)
+
+
+def hf_neo(config, seed=0):
+  """A randomly initialised transformers GPT-Neo of `config`'s shape, eval mode."""
+  import torch
+  from transformers import GPTNeoConfig, GPTNeoForCausalLM
+  torch.manual_seed(seed)
+  pattern = [["global" if k == "dense" else "local" for k in config.attention_pattern],
+             config.num_periods]
+  hf = GPTNeoForCausalLM(GPTNeoConfig(
+      vocab_size=config.vocab_size, max_position_embeddings=config.max_len,
+      hidden_size=config.d_model, num_layers=config.num_layers, num_heads=config.num_heads,
+      attention_types=[pattern], window_size=config.window,
+      layer_norm_epsilon=config.layer_norm_epsilon, bos_token_id=None, eos_token_id=None,
+      pad_token_id=0)).eval()
+  hf.generation_config.eos_token_id = None  # decode every new token, as paxgpt's rows do
+  hf.generation_config.pad_token_id = 0
+  return hf
+
+
+def params_from_hf_neo(hf, config):
+  """The unrolled paxgpt parameter tree of a transformers GPT-Neo. GPT-Neo does
+  not scale its attention scores, so the query projection is scaled by
+  sqrt(head_dim) to cancel paxgpt's 1/sqrt(head_dim) (a power of two for 64)."""
+  sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
+  h, k, d = config.num_heads, config.head_dim, config.d_model
+  heads_in = lambda w: w.T.reshape(d, h, k)  # torch Linear [out, in] -> [d, heads, kv]
+  params = {}
+  for layer in range(config.num_layers):
+    p = f"transformer.h.{layer}."
+    kind = config.attention_pattern[layer % len(config.attention_pattern)]
+    attn = p + "attn.attention."
+    params.setdefault(f"layers_{layer // len(config.attention_pattern)}", {})[
+        f"{layer % len(config.attention_pattern)}_{kind}"] = {
+        "ln_attention": {"scale": sd[p + "ln_1.weight"], "bias": sd[p + "ln_1.bias"]},
+        "attention": {
+            "query_kernel": heads_in(sd[attn + "q_proj.weight"]) * np.float32(k ** 0.5),
+            "query_bias": np.zeros((h, k), np.float32),
+            "key_kernel": heads_in(sd[attn + "k_proj.weight"]),
+            "key_bias": np.zeros((h, k), np.float32),
+            "value_kernel": heads_in(sd[attn + "v_proj.weight"]),
+            "value_bias": np.zeros((h, k), np.float32),
+            "out_kernel": sd[attn + "out_proj.weight"].T.reshape(h, k, d),
+            "out_bias": sd[attn + "out_proj.bias"]},
+        "ln_mlp": {"scale": sd[p + "ln_2.weight"], "bias": sd[p + "ln_2.bias"]},
+        "mlp": {"wi": {"kernel": sd[p + "mlp.c_fc.weight"].T, "bias": sd[p + "mlp.c_fc.bias"]},
+                "wo": {"kernel": sd[p + "mlp.c_proj.weight"].T,
+                       "bias": sd[p + "mlp.c_proj.bias"]}}}
+  wte = sd["transformer.wte.weight"]
+  params["token_embedding"] = np.pad(wte, ((0, config.padded_vocab_size - len(wte)), (0, 0)))
+  params["position_embedding"] = sd["transformer.wpe.weight"]
+  params["ln_final"] = {"scale": sd["transformer.ln_f.weight"],
+                        "bias": sd["transformer.ln_f.bias"]}
+  return params
+
+
+def hf_generate(hf, prompts, new_tokens):
+  """(seconds, new token ids [batch, new_tokens]) of greedy generate()."""
+  import torch
+  ids = torch.from_numpy(np.asarray(prompts, np.int64))
+  with torch.inference_mode():
+    start = time.perf_counter()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    seconds = time.perf_counter() - start
+  return seconds, out[:, ids.shape[1]:].numpy()
+
+
+def vs_hf(args, partitioner):
+  config = neo_config(args.scan_layers)
+  hf = hf_neo(config)
+  params = params_from_hf_neo(hf, neo_config(scan_layers=False))
+  _, shardings = sampling.abstract_params(neo_config(scan_layers=False), partitioner)
+  params = jax.device_put(params, shardings)
+  decoder = sampling.Decoder(config, params, partitioner, eos_id=None,
+                             scan_layers=args.scan_layers)
+  import torch
+  print(f"decode vs transformers {__import__('transformers').__version__} generate() "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads): GPT-Neo-125M shape, "
+        f"random weights, float32, {len(jax.devices())} x {jax.devices()[0].device_kind}, "
+        f"{'scanned' if args.scan_layers else 'unrolled'} layers, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, greedy")
+  print(f"{'batch':>6} {'compile s':>10} {'prefill ms':>11} {'ms/step':>9} {'paxgpt tok/s':>13} "
+        f"{'HF tok/s':>9} {'paxgpt/HF':>10} {'tokens':>10}")
+  hf_generate(hf, random_prompts(1, args.prompt_len, config.vocab_size), 2)  # warm up torch
+  for batch in args.batch_sizes:
+    prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+    compile_s, prefill_s, decode_s, ids = measure(decoder, prompts, args.new_tokens)
+    hf_s, hf_ids = hf_generate(hf, prompts, args.new_tokens)
+    ours = batch * args.new_tokens / (prefill_s + decode_s)
+    theirs = batch * args.new_tokens / hf_s
+    same = sum(list(a) == list(b) for a, b in zip(ids, hf_ids.tolist()))
+    print(f"{batch:>6} {compile_s:>10.1f} {prefill_s * 1e3:>11.1f} "
+          f"{decode_s / (args.new_tokens - 1) * 1e3:>9.2f} {ours:>13.1f} {theirs:>9.1f} "
+          f"{ours / theirs:>9.2f}x {f'{same}/{batch} same':>10}", flush=True)
 
 
 def main(argv=None):
@@ -72,17 +189,27 @@ def main(argv=None):
   files, bindings, rest = cli.split_gin_flags(argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch_sizes", default="1,8,32")
-  parser.add_argument("--prompt_len", type=int, default=32)
-  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--prompt_len", type=int, default=None)
+  parser.add_argument("--new_tokens", type=int, default=None)
   parser.add_argument("--mesh", default=None)
   parser.add_argument("--checkpoint_dir", default=None)
+  parser.add_argument("--scan_layers", action="store_true")
+  parser.add_argument("--vs_hf", action="store_true")
   args = parser.parse_args(rest)
+  args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  args.prompt_len = args.prompt_len or (64 if args.vs_hf else 32)
+  args.new_tokens = args.new_tokens or (128 if args.vs_hf else 64)
+  if args.vs_hf and (files or bindings or args.checkpoint_dir):
+    raise UsageError("--vs_hf builds its own GPT-Neo-shaped model: no gin flags or "
+                     "--checkpoint_dir")
+  if args.vs_hf:
+    vs_hf(args, sharding.Partitioner(sharding.mesh_from_flag(args.mesh)))
+    return 0
   register_run_configurables()
   # Experiment files require MODEL_DIR (for training); the benchmark trains nothing.
   cli.parse_gin(files or [DEFAULT_GIN], [f"MODEL_DIR = {args.checkpoint_dir!r}"] + bindings)
   config = model.GPTConfig()
-  overrides = sharding.parse_mesh_flag(args.mesh) if args.mesh else {}
-  partitioner = sharding.Partitioner(sharding.make_mesh(**overrides))
+  partitioner = sharding.Partitioner(sharding.mesh_from_flag(args.mesh))
   if args.checkpoint_dir:
     from paxgpt import checkpoint
     abstract, shardings = sampling.abstract_params(config, partitioner)
@@ -91,19 +218,20 @@ def main(argv=None):
   else:
     params = sampling.init_params(config, partitioner)
     weights = "random"
-  decoder = sampling.Decoder(config, params, partitioner, eos_id=None)
+  decoder = sampling.Decoder(config, params, partitioner, eos_id=None,
+                             scan_layers=args.scan_layers)
   device = jax.devices()[0]
   print(f"decode benchmark: {config.num_layers} layers, d_model {config.d_model}, "
         f"{config.dtype}, {weights} weights, {len(jax.devices())} x {device.device_kind}, "
-        f"mesh {dict(partitioner.axis_sizes)}, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens")
-  print(f"{'batch':>6} {'prefill ms':>11} {'ms/step':>9} {'decode tok/s':>13}")
-  for batch in (int(b) for b in args.batch_sizes.split(",")):
-    prefill_s, decode_s = measure(decoder, batch, args.prompt_len, args.new_tokens,
-                                  config.vocab_size)
-    steps = args.new_tokens - 1  # the prefill chose the first token
-    print(f"{batch:>6} {prefill_s * 1e3:>11.2f} {decode_s / steps * 1e3:>9.3f} "
-          f"{batch * steps / decode_s:>13.1f}", flush=True)
+        f"mesh {dict(partitioner.axis_sizes)}, {'scanned' if args.scan_layers else 'unrolled'} "
+        f"layers, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+  print(f"{'batch':>6} {'compile s':>10} {'prefill ms':>11} {'ms/step':>9} {'tok/s':>9}")
+  for batch in args.batch_sizes:
+    prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
+    compile_s, prefill_s, decode_s, _ = measure(decoder, prompts, args.new_tokens)
+    print(f"{batch:>6} {compile_s:>10.1f} {prefill_s * 1e3:>11.2f} "
+          f"{decode_s / (args.new_tokens - 1) * 1e3:>9.3f} "
+          f"{batch * args.new_tokens / (prefill_s + decode_s):>9.1f}", flush=True)
   return 0
 
 
