@@ -5,7 +5,7 @@
       [--batch_sizes=1,8,32] [--prompt_len=32] [--new_tokens=64] [--mesh=data:1,fsdp:-1]
       [--checkpoint_dir=DIR] [--scan_layers]
   python -m paxgpt.bench_decode --vs_hf [--batch_sizes=1,8,32] [--prompt_len=64]
-      [--new_tokens=128]
+      [--new_tokens=128] [--hf_threads=N]
 
 Random weights unless --checkpoint_dir is given (a training MODEL_DIR). Greedy
 decoding with no EOS, so every row decodes all new tokens. Prints a table: the
@@ -19,7 +19,9 @@ stack instead of the unrolled one.
 256, vocab 50257, float32) in transformers with random weights, maps it into
 paxgpt, and times transformers' generate() (torch, eager) against the Decoder
 on the same prompts, with the ratio and whether every row's tokens are identical.
-A benchmark, not a test.
+--hf_threads sets torch's intra-op threads (default: torch's choice); on a
+machine shared with other work, torch's spinning OpenMP threads slow down many
+times over while one thread does not, so pick the faster. A benchmark, not a test.
 """
 from __future__ import annotations
 
@@ -156,6 +158,9 @@ def hf_generate(hf, prompts, new_tokens):
 
 
 def vs_hf(args, partitioner):
+  import torch
+  if args.hf_threads:
+    torch.set_num_threads(args.hf_threads)
   config = neo_config(args.scan_layers)
   hf = hf_neo(config)
   params = params_from_hf_neo(hf, neo_config(scan_layers=False))
@@ -163,7 +168,6 @@ def vs_hf(args, partitioner):
   params = jax.device_put(params, shardings)
   decoder = sampling.Decoder(config, params, partitioner, eos_id=None,
                              scan_layers=args.scan_layers)
-  import torch
   print(f"decode vs transformers {__import__('transformers').__version__} generate() "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads): GPT-Neo-125M shape, "
         f"random weights, float32, {len(jax.devices())} x {jax.devices()[0].device_kind}, "
@@ -195,6 +199,7 @@ def main(argv=None):
   parser.add_argument("--checkpoint_dir", default=None)
   parser.add_argument("--scan_layers", action="store_true")
   parser.add_argument("--vs_hf", action="store_true")
+  parser.add_argument("--hf_threads", type=int, default=None)
   args = parser.parse_args(rest)
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   args.prompt_len = args.prompt_len or (64 if args.vs_hf else 32)
