@@ -13,14 +13,15 @@ import numpy as np
 import kernels.masks
 from paxgpt import sharding
 
-# Peak dense bf16 FLOP/s and HBM bytes per chip (vendor figures).
+# Peak dense bf16 FLOP/s and HBM bytes per chip (vendor figures); for the GPUs
+# (SXM parts) also the HBM bandwidth in bytes/s, the decode roofline's figure.
 CHIPS = {
     "v4": {"peak_flops": 275e12, "hbm_bytes": 32 * 2**30},
     "v5e": {"peak_flops": 197e12, "hbm_bytes": 16 * 2**30},
     "v5p": {"peak_flops": 459e12, "hbm_bytes": 95 * 10**9},
     "v6e": {"peak_flops": 918e12, "hbm_bytes": 32 * 2**30},
-    "h100": {"peak_flops": 989e12, "hbm_bytes": 80 * 2**30},
-    "h200": {"peak_flops": 989e12, "hbm_bytes": 141 * 10**9},
+    "h100": {"peak_flops": 989e12, "hbm_bytes": 80 * 2**30, "hbm_bandwidth": 3.35e12},
+    "h200": {"peak_flops": 989e12, "hbm_bytes": 141 * 10**9, "hbm_bandwidth": 4.8e12},
 }
 
 EMBEDDING_PARAMS = ("token_embedding", "position_embedding")
