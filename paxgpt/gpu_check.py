@@ -34,10 +34,11 @@ Invariants:
     whose section ran out of time has status "skipped"; the run goes on.
   - The JSON file is rewritten after every row, so a slot cut short still
     leaves every figure measured so far.
-  - Time: the sections share --budget_s (default 400 s from start-up) with
-    deadlines at 10% / 35% / 80% / 100% of it; a section that finishes early
-    leaves its time to the next ones. A row starts only while its section has
-    time left, so one row (a large compile) can overrun by its own length.
+  - Time: the sections share --budget_s (default 400 s, counted from main()'s
+    start) with deadlines at 10% / 35% / 80% / 100% of it; a section that
+    finishes early leaves its time to the next ones. A row starts only while
+    its section has time left, so one row (a large compile) can overrun by its
+    own length.
   - --smoke (and any run without a GPU) runs the same code paths with tiny
     shapes, the Pallas GPU kernels in interpret mode, in well under a minute;
     tests/test_gpu_check.py runs it, so the check cannot rot between slots.
@@ -78,7 +79,6 @@ TOLERANCE = {True: {"float32": 1e-4, "bfloat16": 3e-2},
              False: {"float32": 2e-5, "bfloat16": 2e-2}}
 # The compiled train step may plan up to this share of the device's memory.
 MEMORY_FILL = 0.9
-_START = time.monotonic()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +148,7 @@ SMOKE = Plan(
     train_seq=32,
     train_rows=(("gpt3_tiny", "cudnn", "none"), ("gpt3_tiny", "gpu", "none"),
                 ("gpt3_tiny", "reference", "full")),
-    train_first_batch={"none": 2, "dots_saveable": 2, "full": 2},
+    train_first_batch={"none": 4, "dots_saveable": 4, "full": 4},
     train_max_batch=4,
     train_steps=1,
     decode_models=("gpt3_tiny",),
@@ -182,8 +182,18 @@ def model_config(name, **overrides):
 
 # ---------------------------------------------------------------- bookkeeping
 
-def _elapsed():
-  return time.monotonic() - _START
+class Clock:
+  """The run's start and the sections' deadlines, in seconds since it."""
+
+  def __init__(self, budget_s):
+    self.budget_s = budget_s
+    self.start = time.monotonic()
+
+  def elapsed(self):
+    return time.monotonic() - self.start
+
+  def left(self, section):
+    return self.budget_s * DEADLINES[section] - self.elapsed()
 
 
 def _one_line(err):
@@ -202,8 +212,9 @@ class Report:
 
   COLUMNS = ("section", "case", "backend", "batch", "result", "vs cuDNN (f / f+b)", "status")
 
-  def __init__(self, path, meta, out=sys.stdout):
-    self.path, self.meta, self.out, self.rows = path, meta, out, []
+  def __init__(self, path, meta, clock, out=None):
+    self.path, self.meta, self.clock, self.rows = path, meta, clock, []
+    self.out = out or sys.stdout
     self.out.write("| " + " | ".join(self.COLUMNS) + " |\n")
     self.out.write("|" + "|".join(" --- " for _ in self.COLUMNS) + "|\n")
     self.out.flush()
@@ -220,7 +231,7 @@ class Report:
   def write(self):
     if not self.path:
       return
-    meta = dict(self.meta, wall_s=round(_elapsed(), 1))
+    meta = dict(self.meta, wall_s=round(self.clock.elapsed(), 1))
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       json.dump({"meta": meta, "rows": self.rows}, f, indent=1)
@@ -261,16 +272,6 @@ def _versus(row):
 def _status(row):
   return {"ok": "ok", "pass": "pass", "FAIL": "**FAIL**", "error": "error",
           "skipped": "skipped"}[row["status"]]
-
-
-class Clock:
-  """Deadlines of the sections, in seconds since start-up."""
-
-  def __init__(self, budget_s):
-    self.budget_s = budget_s
-
-  def left(self, section):
-    return self.budget_s * DEADLINES[section] - _elapsed()
 
 
 def _skip(report, row, why):
@@ -590,16 +591,21 @@ def main(argv=None):
         f"{device.device_kind} ({jax.default_backend()}), chip {chip or 'unknown'}, "
         f"budget {clock.budget_s:.0f} s" + ("" if _on_gpu() else ", Pallas GPU in interpret mode"))
   print()
-  report = Report(args.json, meta)
+  report = Report(args.json, meta, clock)
+  section_s = report.meta["section_s"] = {}
   for section in sections:
+    start = clock.elapsed()
     RUNNERS[section](plan, report, clock)
+    section_s[section] = round(clock.elapsed() - start, 1)
     gc.collect()
   report.write()
   counts = {s: sum(r["status"] == s for r in report.rows)
             for s in ("ok", "pass", "FAIL", "error", "skipped")}
   print()
   print(f"# {len(report.rows)} rows: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-        + f"; {_elapsed():.0f} s" + (f"; JSON: {args.json}" if args.json else ""))
+        + f"; {clock.elapsed():.0f} s in all ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in section_s.items()) + ")"
+        + (f"; JSON: {args.json}" if args.json else ""))
   print("# kernels: error = max|got - want| / (max(1, max|want|) + |want|) over out, dq, dk, "
         "dv; attention TF/s counts visible pairs (4*B*H*D*pairs fwd, 2.5x for bwd); "
         "vs cuDNN = cuDNN time / this time; train memory = the compiled step's plan "

