@@ -2,19 +2,21 @@
 run gives every section's rows with finite figures and passing kernel checks,
 and the pieces it computes by itself (model shapes from gin files without gin,
 the batch search, the decode bytes) agree with their sources."""
+import dataclasses
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import gin
 import jax
 import jax.numpy as jnp
 import pytest
 
-from paxgpt import gpu_check, model
+from paxgpt import gpu_check, model, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The figures each measured row must carry, finite, on every platform.
@@ -106,3 +108,56 @@ def test_launch_script_is_shellcheck_clean():
   result = subprocess.run([shellcheck, "--shell=bash", "launch/gpu_check.sh"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+class _FakeCompiled:
+  """A compiled step whose memory plan is 10 GiB of state + 1 GiB a row."""
+
+  def __init__(self, batch):
+    self.batch = batch
+
+  def memory_analysis(self):
+    gib = 2**30
+    return types.SimpleNamespace(argument_size_in_bytes=10 * gib, output_size_in_bytes=10 * gib,
+                                 alias_size_in_bytes=10 * gib, temp_size_in_bytes=self.batch * gib)
+
+
+class _FakeTrainer:
+  """Compiles instantly; a step over `fits` rows runs out of device memory."""
+
+  def __init__(self, fits):
+    self.fits, self.compiled, self.state, self.state_of = fits, [], None, None
+    self.partitioner = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+
+  def compile(self, config, batch, seq_len):
+    self.compiled.append(batch)
+    return None, _FakeCompiled(batch)
+
+  def state_for(self, name, config, step):
+    self.state_of = name
+
+  def time_steps(self, compiled, batch, steps):
+    if compiled.batch > self.fits:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return 0.5, 2.0
+
+
+@pytest.mark.parametrize("fits,first,expected,compiled", [
+    (1000, 8, 64, [8, 64]),      # the plan says 64 (the cap) fits: one more compile
+    (40, 8, 32, [8, 64, 32]),    # 64 runs out of memory when run: halve
+    (1000, 64, 64, [64]),        # the first guess is the answer: one compile
+    (0, 4, None, [4, 64, 32, 16, 8, 4, 2, 1]),  # not even one row: the row errs
+])
+def test_train_batch_search(fits, first, expected, compiled):
+  trainer = _FakeTrainer(fits)
+  plan = dataclasses.replace(gpu_check.SMOKE, train_max_batch=64)
+  config = gpu_check.model_config("gpt3_tiny")
+  clock = gpu_check.Clock(600)
+  run = lambda: gpu_check._train_row(trainer, "tiny", config, 8, plan, 100 * 2**30, first, clock)
+  if expected is None:
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+      run()
+  else:
+    result = run()
+    assert result["batch"] == expected and result["memory"] == (10 + expected) * 2**30
+  assert trainer.compiled == compiled
