@@ -161,3 +161,14 @@ def test_train_batch_search(fits, first, expected, compiled):
     result = run()
     assert result["batch"] == expected and result["memory"] == (10 + expected) * 2**30
   assert trainer.compiled == compiled
+
+
+def test_imports_on_a_box_without_the_data_side():
+  # The GPU box has JAX, Flax, Optax, Orbax and gin-config only.
+  code = ("import sys\n"
+          "for name in ('tensorflow', 'seqio', 't5', 'tensorboard'):\n"
+          "  sys.modules[name] = None  # importing it raises ImportError\n"
+          "import paxgpt.gpu_check\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
