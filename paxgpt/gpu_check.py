@@ -146,8 +146,8 @@ FULL = Plan(
 SMOKE = Plan(
     name="smoke",
     kernel_cases=(
-        ("float32", 64, 80, 24, True, dict(block_q=16, block_k=16)),
-        ("bfloat16", 64, 64, None, False, dict(block_q=16, block_k=16)),
+        ("float32", 48, 80, 20, True, dict(block_q=16, block_k=16)),
+        ("bfloat16", 32, 64, None, False, dict(block_q=16, block_k=16)),
     ),
     attention=dict(tokens=128, seqs=(64,), head_dims=(32,), width=64, window=16, runs=1),
     train_seq=32,
@@ -157,7 +157,7 @@ SMOKE = Plan(
     train_max_batch=4,
     train_steps=1,
     decode_models=("gpt3_tiny",),
-    decode_batches=(1, 2),
+    decode_batches=(2,),
     prompt_len=8,
     new_tokens=4,
     decode_repeats=1,
