@@ -595,7 +595,7 @@ def main(argv=None):
   if unknown:
     parser.error(f"--sections: unknown {unknown}; choose from {SECTIONS}")
   plan = FULL if _on_gpu() and not args.smoke else SMOKE
-  clock = Clock(args.budget_s or plan.budget_s)
+  clock = Clock(plan.budget_s if args.budget_s is None else args.budget_s)
   device = jax.devices()[0]
   chip = accounting.chip_of(device)
   meta = dict(plan=plan.name, platform=jax.default_backend(), device_kind=device.device_kind,

@@ -172,3 +172,33 @@ def test_imports_on_a_box_without_the_data_side():
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_failing_row_records_its_error_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+  real, calls = gpu_check.kernel_bench.check_against_reference, []
+
+  def first_fails(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nsecond line")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(gpu_check.kernel_bench, "check_against_reference", first_fails)
+  path = str(tmp_path / "rows.json")
+  assert gpu_check.main(["--smoke", "--sections", "kernels", "--json", path]) == 0
+  with open(path) as f:
+    rows = json.load(f)["rows"]
+  assert [r["status"] for r in rows] == ["error", "pass"]
+  assert rows[0]["note"] == "RuntimeError: RESOURCE_EXHAUSTED: out of memory"
+  assert "| error |" in capsys.readouterr().out
+
+
+def test_rows_past_the_budget_are_listed_as_skipped(tmp_path):
+  path = str(tmp_path / "rows.json")
+  assert gpu_check.main(["--smoke", "--budget_s", "0", "--json", path]) == 0
+  with open(path) as f:
+    rows = json.load(f)["rows"]
+  plan = gpu_check.SMOKE
+  assert len(rows) == (len(plan.kernel_cases) + 2 * 3 * len(plan.attention["seqs"])
+                       * len(plan.attention["head_dims"]) + len(plan.train_rows)
+                       + len(plan.decode_models) * len(plan.decode_batches))
+  assert {r["status"] for r in rows} == {"skipped"}
