@@ -44,8 +44,8 @@ Invariants:
     tests/test_gpu_check.py runs it, so the check cannot rot between slots.
 
 Model shapes come from gin/models/*.gin, read without gin (`model_config`:
-only their `GPTConfig.field = literal` lines), so the files stay the one
-source of truth.
+only their `GPTConfig.field = literal` lines and `include`s), so the files
+stay the one source of truth.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ import numpy as np
 
 import kernels
 from kernels import bench as kernel_bench
-from paxgpt import accounting, bench_decode, model, optim, sampling, sharding, train_step
+from paxgpt import accounting, model, optim, sampling, sharding, train_step
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("kernels", "attention", "train", "decode")
@@ -165,23 +165,34 @@ SMOKE = Plan(
 )
 
 _GIN_BINDING = re.compile(r"^GPTConfig\.(\w+)\s*=\s*(.+?)\s*(#.*)?$")
+_GIN_INCLUDE = re.compile(r"""^include\s+(['"])(.+)\1\s*(#.*)?$""")
+
+
+def _gin_fields(path, fields):
+  """Add the `GPTConfig.field = literal` bindings of a gin file to `fields`, in
+  order, following its `include 'file'` lines (relative to the repository) at
+  their place, so that later bindings win as in gin."""
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      line = line.strip()
+      included = _GIN_INCLUDE.match(line)
+      if included:
+        _gin_fields(os.path.join(REPO_ROOT, included.group(2)), fields)
+      elif line.startswith("GPTConfig."):
+        found = _GIN_BINDING.match(line)
+        try:
+          fields[found.group(1)] = ast.literal_eval(found.group(2))
+        except (AttributeError, ValueError, SyntaxError) as err:
+          raise ValueError(f"{path}:{number}: not a `GPTConfig.field = literal` line: "
+                           f"{line!r}") from err
+  return fields
 
 
 def model_config(name, **overrides):
   """GPTConfig of gin/models/NAME.gin from its `GPTConfig.field = literal` lines
-  (no gin needed; a GPTConfig line that is not a Python literal is an error)."""
-  path = os.path.join(REPO_ROOT, "gin", "models", f"{name}.gin")
-  fields = {}
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.startswith("GPTConfig."):
-        continue
-      found = _GIN_BINDING.match(line.strip())
-      try:
-        fields[found.group(1)] = ast.literal_eval(found.group(2))
-      except (AttributeError, ValueError, SyntaxError) as err:
-        raise ValueError(f"{path}:{number}: not a `GPTConfig.field = literal` line: "
-                         f"{line.strip()!r}") from err
+  and those of the files it includes (no gin needed; a GPTConfig line that is
+  not a Python literal is an error)."""
+  fields = _gin_fields(os.path.join(REPO_ROOT, "gin", "models", f"{name}.gin"), {})
   return model.GPTConfig(**{**fields, **overrides})
 
 
@@ -401,18 +412,18 @@ class _Trainer:
     self.state, self.state_of = None, None
 
   def compile(self, config, batch, seq_len):
+    """(the state's shardings, the compiled step)."""
     abstract = train_step.abstract_train_state(config, self.optimizer)
     step = train_step.make_train_step(config, self.optimizer, self.partitioner,
                                       schedule=self.schedule, abstract_state=abstract)
     args = (self.partitioner.abstract(abstract),
             train_step.abstract_batch(batch, seq_len, self.partitioner))
-    return step, step.lower(*args).compile()
+    return self.partitioner.tree_shardings(abstract), step.lower(*args).compile()
 
-  def state_for(self, name, config, step):
+  def state_for(self, name, config, shardings):
     if self.state_of != name:
       self.state = self.state_of = None
       gc.collect()
-      shardings = step.state_shardings
       gpt = model.GPT(config)
       tokens = jnp.zeros((1, min(8, config.max_len)), jnp.int32)
       init = jax.jit(lambda key: nn.unbox(gpt.init(key, tokens))["params"],
@@ -499,7 +510,7 @@ def _train_row(trainer, name, config, seq_len, plan, limit, first_batch, clock):
     tries.append(batch)
     running = False
     try:
-      step, compiled = trainer.compile(config, batch, seq_len)
+      shardings, compiled = trainer.compile(config, batch, seq_len)
       memory = _memory(compiled)
       if memory is not None and not searched:
         searched = True
@@ -511,7 +522,7 @@ def _train_row(trainer, name, config, seq_len, plan, limit, first_batch, clock):
         batch, compiled = batch // 2, None
         continue
       running = True
-      trainer.state_for(name, config, step)
+      trainer.state_for(name, config, shardings)
       step_s, loss = trainer.time_steps(
           compiled, _synthetic_batch(batch, seq_len, config.vocab_size, trainer.partitioner),
           plan.train_steps)
@@ -555,6 +566,8 @@ def run_decode(plan, report, clock):
         _skip(report, row, "skipped: over the section's time")
         continue
       try:
+        # Imported here: a break in the decode bench costs this section's rows only.
+        from paxgpt import bench_decode
         if name not in decoders:
           params = sampling.init_params(config, partitioner)
           decoders[name] = sampling.Decoder(config, params, partitioner, eos_id=None)

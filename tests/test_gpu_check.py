@@ -133,7 +133,7 @@ class _FakeTrainer:
     self.compiled.append(batch)
     return None, _FakeCompiled(batch)
 
-  def state_for(self, name, config, step):
+  def state_for(self, name, config, shardings):
     self.state_of = name
 
   def time_steps(self, compiled, batch, steps):
