@@ -7,7 +7,7 @@
 #   bash launch/gpu_check.sh [--json PATH] [--budget_s S] [--sections kernels,...] [--smoke]
 #
 # On one H100/H200 it ends within 8 minutes of wall time, compilation included
-# (the sections share --budget_s, default 420 s; rows past it are listed as
+# (the sections share --budget_s, default 400 s; rows past it are listed as
 # skipped). Without a GPU, or with --smoke, it runs the same code on tiny shapes
 # (Pallas GPU kernels in interpret mode) in under a minute.
 #
