@@ -220,8 +220,13 @@ def _one_line(err):
   return f"{type(err).__name__}: {(lines or [''])[0][:160]}"
 
 
-def _finite(x):
-  return x if x is None or math.isfinite(x) else None
+def _json_safe(x):
+  """NaN and infinities become None (JSON has no spelling for them)."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  return x
 
 
 class Report:
@@ -238,11 +243,11 @@ class Report:
     self.out.flush()
 
   def add(self, row):
-    row = {k: (_finite(v) if isinstance(v, float) else v) for k, v in row.items()}
+    row = _json_safe(row)
     self.rows.append(row)
     cells = (row["section"], row["case"], LABELS.get(row["backend"], row["backend"]),
              row.get("batch", "-"), _result(row), _versus(row), _status(row))
-    self.out.write("| " + " | ".join(str(c) for c in cells) + " |\n")
+    self.out.write("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |\n")
     self.out.flush()
     self.write()
 
@@ -265,7 +270,8 @@ def _result(row):
     return row.get("note", "")
   section = row["section"]
   if section == "kernels":
-    return f"max err {_fmt(row['max_error'], '.1e')} (tol {row['tolerance']:.0e})"
+    worst = "non-finite" if row["max_error"] is None else f"{row['max_error']:.1e}"
+    return f"max err {worst} (tol {row['tolerance']:.0e})"
   if section == "attention":
     return (f"fwd {_fmt(row['fwd_ms'], '.3g')} ms {_fmt(row['fwd_tflops'], '.3g')} TF/s; "
             f"f+b {_fmt(row['fwd_bwd_ms'], '.3g')} ms {_fmt(row['fwd_bwd_tflops'], '.3g')} TF/s")
@@ -624,7 +630,11 @@ def main(argv=None):
   section_s = report.meta["section_s"] = {}
   for section in sections:
     start = clock.elapsed()
-    RUNNERS[section](plan, report, clock)
+    try:
+      RUNNERS[section](plan, report, clock)
+    except Exception as err:  # outside any row (e.g. the mesh): record it, run the rest
+      report.add(dict(section=section, case="(the section)", backend="-", status="error",
+                      note=_one_line(err)))
     section_s[section] = round(clock.elapsed() - start, 1)
     gc.collect()
   report.write()
