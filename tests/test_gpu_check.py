@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from paxgpt import gpu_check, model, sharding
+from paxgpt import gpu_check, model, optim, sharding, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The figures each measured row must carry, finite, on every platform.
@@ -202,3 +202,47 @@ def test_rows_past_the_budget_are_listed_as_skipped(tmp_path):
                        * len(plan.attention["head_dims"]) + len(plan.train_rows)
                        + len(plan.decode_models) * len(plan.decode_batches))
   assert {r["status"] for r in rows} == {"skipped"}
+
+
+def _triton_calls(lowered):
+  text = lowered.as_text()
+  return text.count("triton_kernel_call") + text.count("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("name,backend,remat", [
+    ("gpt3_small", "gpu", "none"), ("gpt3_small", "reference", "none"),
+    ("gpt3_medium", "gpu", "none"), ("gpt3_xl", "gpu", "dots_saveable"),
+    ("gpt3_xl", "gpu", "full")])
+def test_full_plan_train_steps_lower_for_cuda(name, backend, remat):
+  # What the slot compiles, lowered here for CUDA (no GPU needed): a trace error
+  # in the GPU-only paths shows between slots. cuDNN needs cuDNN even to trace.
+  assert (name, backend, remat) in gpu_check.FULL.train_rows
+  partitioner = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  optimizer, schedule = optim.make_optimizer(optim.OptimizerConfig(), 1000)
+  config = gpu_check.model_config(name, attention_backend=backend, remat_policy=remat)
+  abstract = train_step.abstract_train_state(config, optimizer)
+  step = train_step.make_train_step(config, optimizer, partitioner, schedule=schedule,
+                                    abstract_state=abstract)
+  args = (partitioner.abstract(abstract),
+          train_step.abstract_batch(2, gpu_check.FULL.train_seq, partitioner))
+  with partitioner.activate():
+    lowered = step.jitted.trace(*args).lower(lowering_platforms=("cuda",))
+  # Forward and two backward kernels for each of a period's two layers (remat
+  # calls the forward again).
+  calls = _triton_calls(lowered)
+  assert calls >= 6 if backend == "gpu" else calls == 0
+
+
+def test_full_plan_prefill_lowers_for_cuda():
+  plan = gpu_check.FULL
+  config = gpu_check.model_config("gpt3_xl", attention_backend="gpu")
+  gpt = model.GPT(config)
+  params = jax.eval_shape(lambda t: gpt.init(jax.random.key(0), t),
+                          jnp.zeros((1, 8), jnp.int32))["params"]
+  tokens = jax.ShapeDtypeStruct((max(plan.decode_batches), plan.prompt_len), jnp.int32)
+  prefill = jax.jit(lambda p, t: gpt.apply(
+      {"params": p}, t, segment_ids=jnp.ones_like(t), decode="prefill",
+      cache_length=plan.prompt_len + plan.new_tokens, mutable=["cache"]))
+  partitioner = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  with partitioner.activate():
+    assert _triton_calls(prefill.trace(params, tokens).lower(lowering_platforms=("cuda",))) == 2
