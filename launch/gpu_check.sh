@@ -22,8 +22,10 @@
 #           .whl/gin_config-*.whl on PYTHONPATH (a pure-Python wheel imports
 #           straight from the zip).
 #
-# With the device tool (the repository root is the working directory):
-#   run(command='bash launch/gpu_check.sh --json "$OUT/gpu_check.json"',
+# With the device tool (the repository root is the working directory; the
+# table comes back in the output's tail and, with the JSON and the log, in $OUT):
+#   run(command='bash launch/gpu_check.sh --json "$OUT/gpu_check.json"
+#                2> "$OUT/gpu_check.log" | tee "$OUT/gpu_check.md"',
 #       carry=[".whl"], timeout_s=540)
 #
 # PAXGPT_PYTHON overrides the interpreter (default: python3).
