@@ -44,7 +44,7 @@ def test_smoke_run_gives_every_section_with_finite_figures(tmp_path, capsys):
     measured = [r for r in rows if r["section"] == section and r["status"] != "skipped"]
     assert measured, section
     for row in measured:
-      assert row["status"] in ("ok", "pass"), row
+      assert row["status"] in ("ok", "pass"), (section, row["case"], row.get("note"))
       for name in figures:
         assert isinstance(row[name], (int, float)) and math.isfinite(row[name]), (name, row)
   # Without a GPU only cuDNN is skipped (it needs CUDA); every planned row is listed.
