@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxgpt import main as cli
+from paxgpt.cli import main as cli
 from paxgpt import model, sampling, sharding
 from paxgpt.errors import UsageError
 
