@@ -59,8 +59,12 @@ def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=N
 
 
 def _cudnn(q, k, v, causal, window, segment_ids, sm_scale):
+  mask = None
   if segment_ids is not None:
-    raise ValueError("the cudnn backend does not take segment_ids here; use 'gpu'")
+    # cuDNN has no mask type for packed segments: a dense [batch, 1, q, k] mask
+    # (a bias inside cuDNN), so it costs memory the Pallas kernels do not.
+    q_ids, k_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+    mask = q_ids[:, None, :, None] == k_ids[:, None, None, :]
   local = None if window is None else (window - 1, 0)
-  return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=causal,
                                       local_window_size=local, implementation="cudnn")

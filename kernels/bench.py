@@ -9,6 +9,10 @@ Ratios compare with cudnn and the reference measured in the same run; "band x"
 is the banded forward+backward speed-up over dense for the same backend/shape.
 On CPU (or with --quick) the shapes are tiny so it runs in seconds; the gpu
 backend runs on CPU only with --interpret.
+
+`check_against_reference(...)` is the correctness core the GPU check
+(paxgpt/gpu_check.py) runs compiled: a kernel's output and dq, dk, dv against
+the float32 reference.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kernels import api, masks
+from kernels import api, masks, reference
 
 FULL = dict(tokens=16384, seqs=(2048, 4096, 8192, 16384), head_dims=(64, 128), width=2048,
             window=256)
@@ -94,6 +99,53 @@ def measure(backend, shape, window, runs, interpret, memory_limit, gpu_options):
     return {"note": f"error: {first_line[:60]}"}
   result["out"] = forward(q, k, v)
   return result
+
+
+def packed_segment_ids(batch, seq_len, seed=1):
+  """Packed documents: ids increase at random boundaries, different per row."""
+  starts = np.random.RandomState(seed).rand(batch, seq_len) < 0.08
+  starts[:, 0] = False
+  return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
+
+
+def check_against_reference(backend, shape, dtype, window=None, segments=False,
+                            interpret=False, **options):
+  """{'out'|'dq'|'dk'|'dv': error} of `backend` against the reference in float32
+  at 'highest' precision, on random inputs of `shape` [B, T, H, D] and `dtype`.
+
+  error = max |got - want| / (max(1, max|want|) + |want|): at most `tol` exactly
+  when got is allclose to want with rtol = tol and atol = tol * max(1, max|want|)
+  (gradients of long rows grow with the sequence, hence the scale). NaN/Inf
+  give an infinite error.
+  """
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
+  segment_ids = packed_segment_ids(shape[0], shape[1]) if segments else None
+  kernel_options = dict(options, interpret=interpret) if backend == "gpu" else {}
+
+  def kernel(q, k, v):
+    return api.attention(q, k, v, window=window, segment_ids=segment_ids, backend=backend,
+                         **kernel_options)
+
+  def spec(q, k, v):
+    return reference.attention(q, k, v, window=window, segment_ids=segment_ids)
+
+  def value_and_grads(fn):
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    return (out, *vjp(d_out))
+
+  with jax.default_matmul_precision("highest"):
+    expected = value_and_grads(spec)
+  got = value_and_grads(kernel)
+  errors = {}
+  for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+    if g.shape != e.shape or not np.all(np.isfinite(g)):
+      errors[name] = float("inf")
+      continue
+    scale = max(1.0, float(np.abs(e).max()))
+    errors[name] = float(np.max(np.abs(g - e) / (scale + np.abs(e))))
+  return errors
 
 
 def max_abs_diff(a, b):

@@ -135,6 +135,20 @@ def _loop(ranges, body, carry):
   return carry
 
 
+def _key_tile(cfg, k_ref, v_ref, k_seg_ref, k_block, block_k, q, q_start, q_seg, scale, masked):
+  """Key block `k_block`: its keys, values, base-2 scores against `q` with the
+  mask applied, and the mask (None for a tile inside the mask)."""
+  k_start = k_block * block_k
+  k = k_ref[pl.ds(k_start, block_k), :]
+  v = v_ref[pl.ds(k_start, block_k), :]
+  s = _dot(q, k, trans_b=True) * scale
+  k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(k_start, block_k)]
+  mask = _tile_mask(q_start, k_start, q.shape[0], block_k, cfg, masked, q_seg, k_seg)
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)
+  return k, v, s, mask
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -149,14 +163,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *
 
   def body(k_block, carry, masked):
     acc, m_prev, l_prev = carry
-    k_start = k_block * block_k
-    k = k_ref[pl.ds(k_start, block_k), :]
-    v = v_ref[pl.ds(k_start, block_k), :]
-    s = _dot(q, k, trans_b=True) * scale
-    k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(k_start, block_k)]
-    mask = _tile_mask(q_start, k_start, block_q, block_k, cfg, masked, q_seg, k_seg)
-    if mask is not None:
-      s = jnp.where(mask, s, -jnp.inf)
+    _, v, s, mask = _key_tile(cfg, k_ref, v_ref, k_seg_ref, k_block, block_k, q, q_start,
+                              q_seg, scale, masked)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     if mask is not None:
       # A row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -229,14 +237,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k_seg
   scale = cfg.sm_scale * _LOG2_E
 
   def body(k_block, dq, masked):
-    k_start = k_block * block_k
-    k = k_ref[pl.ds(k_start, block_k), :]
-    v = v_ref[pl.ds(k_start, block_k), :]
-    s = _dot(q, k, trans_b=True) * scale
-    k_seg = None if k_seg_ref is None else k_seg_ref[pl.ds(k_start, block_k)]
-    mask = _tile_mask(q_start, k_start, block_q, block_k, cfg, masked, q_seg, k_seg)
-    if mask is not None:
-      s = jnp.where(mask, s, -jnp.inf)
+    k, v, s, _ = _key_tile(cfg, k_ref, v_ref, k_seg_ref, k_block, block_k, q, q_start, q_seg,
+                           scale, masked)
     p = jnp.exp2(s - lse[:, None])
     ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)

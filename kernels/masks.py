@@ -23,13 +23,13 @@ def visible(q_pos, k_pos, window=None):
   return ok
 
 
-def dense_mask(q_len, k_len, window=None, q_offset=0):
-  q = jnp.arange(q_len)[:, None] + q_offset
+def dense_mask(q_len, k_len, window=None):
+  q = jnp.arange(q_len)[:, None]
   k = jnp.arange(k_len)[None, :]
   return visible(q, k, window)
 
 
-def check_window(window, seq_len=None):
+def check_window(window):
   if window is None:
     return
   if int(window) != window or window < 1:
@@ -110,10 +110,6 @@ class BlockLayout:
       firsts.append(qs[0] if qs else 0)
       counts.append(len(qs))
     return np.array(firsts, np.int32), np.array(counts, np.int32)
-
-  def visited_pairs(self):
-    """Number of (query block, key block) tiles visited."""
-    return int(self.tables()[1].sum())
 
 
 def visible_pairs(seq_len, window=None):

@@ -7,20 +7,16 @@ import jax.numpy as jnp
 from kernels import masks
 
 
-def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=None,
-              q_offset=0):
+def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=None):
   """Softmax attention over [batch, seq, heads, head_dim], float32 inside.
-
-  `q_offset` is the absolute position of q's first row (keys start at 0), so a
-  decode step can attend to a longer key sequence. Rows that see no key give 0.
-  """
+  Rows that see no key give 0."""
   b, tq, h, d = q.shape
   tk = k.shape[1]
   if sm_scale is None:
     sm_scale = d ** -0.5
   s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * sm_scale
   if causal:
-    ok = masks.dense_mask(tq, tk, window, q_offset)[None, None]
+    ok = masks.dense_mask(tq, tk, window)[None, None]
   else:
     ok = jnp.ones((1, 1, tq, tk), bool)
   if segment_ids is not None:

@@ -9,9 +9,9 @@
 #       -- COMMAND [ARGS...]
 #
 # e.g. launch/cpu_multiprocess.sh --processes 2 --devices 2 -- train \
-#        --gin_file=gin/experiments/tiny.gin --gin.MODEL_DIR="'/tmp/run'"
+#        --gin_file=gin/experiments/demo.gin --gin.MODEL_DIR="'/tmp/run'"
 #
-# Every process runs `python -m paxgpt.main COMMAND ARGS
+# Every process runs `python -m paxgpt.cli COMMAND ARGS
 # --coordinator_address=127.0.0.1:P --num_processes=N --process_id=I`; its
 # output goes to LOG_DIR/process_I.log and process 0's is also shown here.
 # The whole run is bounded by --timeout; when one process fails, the others
@@ -68,7 +68,7 @@ log_dir="${log_dir:-$(mktemp -d "${TMPDIR:-/tmp}/paxgpt-multiprocess.XXXXXX")}"
 mkdir -p "$log_dir"
 
 command_for() {
-  printf '%s' "timeout --kill-after=10 $timeout_s $python -m paxgpt.main $* --coordinator_address=127.0.0.1:$port --num_processes=$processes --process_id="
+  printf '%s' "timeout --kill-after=10 $timeout_s $python -m paxgpt.cli $* --coordinator_address=127.0.0.1:$port --num_processes=$processes --process_id="
 }
 
 if [ "$dry_run" -eq 1 ]; then
@@ -109,7 +109,7 @@ trap 'signal_all KILL; exit 130' INT TERM
 echo "== $processes processes x $devices CPU devices, coordinator 127.0.0.1:$port," \
      "logs in $log_dir (limit ${timeout_s}s)"
 for ((i = 0; i < processes; i++)); do
-  setsid timeout --kill-after=10 "$timeout_s" "$python" -m paxgpt.main "$@" \
+  setsid timeout --kill-after=10 "$timeout_s" "$python" -m paxgpt.cli "$@" \
     --coordinator_address="127.0.0.1:$port" --num_processes="$processes" --process_id="$i" \
     > "$log_dir/process_$i.log" 2>&1 &
   pids+=("$!")

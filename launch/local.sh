@@ -14,7 +14,6 @@ echo "== evaluating the latest checkpoint"
 paxgpt eval --gin_file=gin/experiments/demo.gin --gin_file=gin/runs/eval.gin \
   --gin.MODEL_DIR="'$MODEL_DIR'"
 
-# == sampling (appended by the sampler's launch step)
 echo "== sampling launch/demo_prompts.jsonl from the latest checkpoint"
 paxgpt sample --gin_file=gin/experiments/demo.gin --gin_file=gin/runs/sample.gin \
   --gin.CHECKPOINT_DIR="'$MODEL_DIR'" --prompts=launch/demo_prompts.jsonl \

@@ -14,6 +14,12 @@ stamp=".venv/.paxgpt-installed${EXTRAS:+-$EXTRAS}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== installing paxgpt${EXTRAS:+[$EXTRAS]} into .venv (first time: several minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
+  if [[ ",$EXTRAS," == *",test,"* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    # The tests' reference models need PyTorch on the CPU only; a plain `torch`
+    # is a CUDA build of several GB. Take the CPU build where pip finds it.
+    .venv/bin/python -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+      || .venv/bin/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  fi
   .venv/bin/python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
   .venv/bin/python -m pip check
   touch "$stamp"

@@ -103,4 +103,4 @@ done
 paxgpt_args+=("${extra[@]}")
 quoted="$(printf ' %q' "${paxgpt_args[@]}")"
 run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=all \
-  --command="cd $remote_dir && PAXGPT_DISTRIBUTED=auto TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m paxgpt.main$quoted"
+  --command="cd $remote_dir && PAXGPT_DISTRIBUTED=auto TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m paxgpt.cli$quoted"

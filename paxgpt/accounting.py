@@ -13,14 +13,15 @@ import numpy as np
 import kernels.masks
 from paxgpt import sharding
 
-# Peak dense bf16 FLOP/s and HBM bytes per chip (vendor figures).
+# Peak dense bf16 FLOP/s and HBM bytes per chip (vendor figures); for the GPUs
+# (SXM parts) also the HBM bandwidth in bytes/s, the decode roofline's figure.
 CHIPS = {
     "v4": {"peak_flops": 275e12, "hbm_bytes": 32 * 2**30},
     "v5e": {"peak_flops": 197e12, "hbm_bytes": 16 * 2**30},
     "v5p": {"peak_flops": 459e12, "hbm_bytes": 95 * 10**9},
     "v6e": {"peak_flops": 918e12, "hbm_bytes": 32 * 2**30},
-    "h100": {"peak_flops": 989e12, "hbm_bytes": 80 * 2**30},
-    "h200": {"peak_flops": 989e12, "hbm_bytes": 141 * 10**9},
+    "h100": {"peak_flops": 989e12, "hbm_bytes": 80 * 2**30, "hbm_bandwidth": 3.35e12},
+    "h200": {"peak_flops": 989e12, "hbm_bytes": 141 * 10**9, "hbm_bandwidth": 4.8e12},
 }
 
 EMBEDDING_PARAMS = ("token_embedding", "position_embedding")
@@ -71,33 +72,18 @@ def flops_per_token(config, params_non_embedding, seq_len=None):
   return 6 * matmul_params + 12 * attn_width * attention_pairs_per_token(config, seq_len)
 
 
-def _shard_factors(spec, axis_sizes):
-  factors = []
-  for entry in spec:
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    factors.append(math.prod(axis_sizes[a] for a in axes))
-  return factors
-
-
 def bytes_per_device(abstract_variables, axis_sizes, rules=sharding.LOGICAL_AXIS_RULES,
                      collection="params"):
   """(bytes per device, fraction of bytes replicated on every device) for a
   boxed variable tree under a mesh of `axis_sizes`, by arithmetic on shapes."""
   tree = abstract_variables[collection]
-  specs = nn.get_partition_spec(tree)
-  leaves = jax.tree_util.tree_leaves(nn.unbox(tree))
-  spec_leaves = jax.tree_util.tree_leaves(
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   per_device = replicated = total = 0
-  for leaf, spec in zip(leaves, spec_leaves, strict=True):
-    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else ()
-    factors = _shard_factors(tuple(mesh_spec) + (None,) * (leaf.ndim - len(mesh_spec)),
-                             axis_sizes)
+  for leaf, spec in sharding.logical_leaves(tree):
     nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-    local = math.prod(-(-d // f) for d, f in zip(leaf.shape, factors))
+    local = math.prod(sharding.local_shape(leaf.shape, tuple(spec), axis_sizes, rules))
     per_device += local * np.dtype(leaf.dtype).itemsize
     total += nbytes
-    if math.prod(factors) == 1:
+    if local == math.prod(leaf.shape):
       replicated += nbytes
   return per_device, (replicated / total if total else 0.0)
 

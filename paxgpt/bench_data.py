@@ -5,7 +5,7 @@
 
 Rows: the bundled task with the byte vocabulary and with a SentencePiece vocabulary
 trained here on its train split, each as host numpy batches (TF pipeline only) and
-as global jax.Arrays (TrainIterator); then, when paxgpt/model.py is present, a
+as global jax.Arrays (TrainIterator); then a
 jitted value_and_grad of gpt3_tiny's mean cross-entropy (reference attention,
 sequence 256) on batches from the pipeline: the tokens per second the trainer
 would ask of it on this machine. Timings exclude the first batch / compile.
@@ -54,8 +54,6 @@ def pipeline_rows(config: data.DataConfig, partitioner: Partitioner, batches: in
 
 def model_row(partitioner: Partitioner, batch_size: int, steps: int):
   """gpt3_tiny forward + backward at sequence 256 on pipeline batches, or None."""
-  if not os.path.exists(os.path.join(os.path.dirname(__file__), "model.py")):
-    return None
   import gin
   import flax.linen as nn
   from paxgpt import model as model_lib
@@ -124,13 +122,9 @@ def main(argv=None):
   print(f"\n{'what':<44} {'tokens/s':>12} {'real tokens':>12}")
   for what, tokens_per_s, fill in table:
     print(f"{what:<44} {tokens_per_s:>12,.0f} {fill:>11.1%}")
-  result = model_row(partitioner, args.model_batch_size, args.model_steps)
-  if result is None:
-    print("paxgpt/model.py is not here: no model figure")
-  else:
-    tokens_per_s, loss = result
-    print(f"{'gpt3_tiny fwd+bwd, seq 256, reference attn':<44} {tokens_per_s:>12,.0f} "
-          f"{'':>12}  (loss {loss:.3f})")
+  tokens_per_s, loss = model_row(partitioner, args.model_batch_size, args.model_steps)
+  print(f"{'gpt3_tiny fwd+bwd, seq 256, reference attn':<44} {tokens_per_s:>12,.0f} "
+        f"{'':>12}  (loss {loss:.3f})")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import time
 import jax
 import numpy as np
 
-from paxgpt import main as cli
+from paxgpt.cli import main as cli
 from paxgpt import model, sampling, sharding
 from paxgpt.errors import UsageError
 
@@ -219,8 +219,8 @@ def main(argv=None):
   partitioner = sharding.Partitioner(sharding.mesh_from_flag(args.mesh))
   if args.checkpoint_dir:
     from paxgpt import checkpoint
-    abstract, shardings = sampling.abstract_params(config, partitioner)
-    params = checkpoint.restore_params(args.checkpoint_dir, abstract, shardings)
+    params = checkpoint.restore_params(
+        args.checkpoint_dir, partitioner.abstract(model.abstract_variables(config)["params"]))
     weights = args.checkpoint_dir
   else:
     params = sampling.init_params(config, partitioner)

@@ -113,18 +113,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def _with_shardings(abstract_tree, shardings):
-  return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
-
-
-def restore_params(directory, abstract_params, shardings, step=None):
+def restore_params(directory, abstract_params, step=None):
   """The parameters of a run's checkpoint, placed on `shardings`.
 
   directory: a MODEL_DIR (or its checkpoints/ subdirectory).
-  abstract_params: a tree of ShapeDtypeStructs (unboxed) like the model's params.
-  shardings: a matching tree of jax.sharding.Sharding (e.g. from
-    Partitioner.tree_shardings), any mesh: the restore reshards.
+  abstract_params: a tree of ShapeDtypeStructs like the model's params, each
+    carrying the sharding to restore onto (Partitioner.abstract), on any mesh:
+    the restore reshards.
   step: the checkpoint step; None for the latest.
   Raises UsageError when there is no (such) checkpoint.
   """
@@ -137,7 +132,7 @@ def restore_params(directory, abstract_params, shardings, step=None):
   try:
     step = resolve_step(checkpointer, directory, step)
     restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_with_shardings(abstract_params, shardings))))
+        params=ocp.args.StandardRestore(abstract_params)))
     return restored.params
   finally:
     checkpointer.close()

@@ -19,7 +19,7 @@ naming the address; the initialisation timeout bounds the rest of the handshake.
 
 After start-up every process runs the same program: each reads its own data shard
 (paxgpt/data.py uses jax.process_index()), all take part in Orbax checkpoint
-writes, and only `is_primary()` writes logs and summaries.
+writes, and only process 0 (`jax.process_index() == 0`) writes logs and summaries.
 """
 from __future__ import annotations
 
@@ -184,8 +184,3 @@ def initialize_from_args(args):
                             getattr(args, "process_id", None),
                             getattr(args, "distributed_timeout_s", None)))
 
-
-def is_primary():
-  """True on the process that writes logs, summaries and other single-writer files."""
-  import jax
-  return jax.process_index() == 0

@@ -1,9 +1,7 @@
-"""`paxgpt info`: a model's size, FLOPs and per-device bytes, without weights."""
+"""A model's size, FLOPs and per-device bytes from abstract shapes (no weights):
+the figures `paxgpt info` prints."""
 from __future__ import annotations
 
-import json
-
-from jax.sharding import AbstractMesh
 
 from paxgpt import accounting, model, sharding
 
@@ -36,10 +34,10 @@ def describe(config, axis_sizes, seq_len=None):
 
 def check_model_on_mesh(config, axis_sizes):
   """The model's sharded dimensions must divide their mesh axes."""
-  part = sharding.Partitioner(AbstractMesh(tuple(axis_sizes.values()), tuple(axis_sizes)))
-  part.check_divisible("num_heads", config.num_heads, "heads")
-  part.check_divisible("d_ff", config.d_ff, "mlp")
-  part.check_divisible("padded vocab size", config.padded_vocab_size, "vocab")
+  for what, size, logical_axis in (("num_heads", config.num_heads, "heads"),
+                                   ("d_ff", config.d_ff, "mlp"),
+                                   ("padded vocab size", config.padded_vocab_size, "vocab")):
+    sharding.check_divisible(what, size, logical_axis, axis_sizes)
 
 
 def mesh_axis_sizes(mesh_flag, num_devices=None):
@@ -55,22 +53,17 @@ def mesh_axis_sizes(mesh_flag, num_devices=None):
   return dict(zip(sharding.MESH_AXES, sizes))
 
 
-def info_command(args):
-  config = model.GPTConfig()
-  axis_sizes = mesh_axis_sizes(args.mesh)
-  check_model_on_mesh(config, axis_sizes)
-  report = describe(config, axis_sizes, args.seq_len)
-  if args.json:
-    print(json.dumps(report))
-    return 0
-  print(f"GPT: {config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads "
-        f"x {config.head_dim}, d_ff {config.d_ff}, vocab {config.vocab_size} "
-        f"(padded {config.padded_vocab_size}), attention {'/'.join(config.attention_pattern)} "
-        f"(W={config.window})")
-  print(f"parameters:            {report['params']:,} "
-        f"({report['params_non_embedding']:,} non-embedding)")
-  print(f"training FLOPs/token:  {report['flops_per_token']:.4g} at length {report['seq_len']}")
-  mesh = ",".join(f"{k}:{v}" for k, v in axis_sizes.items())
-  print(f"param bytes/device:    {report['param_bytes_per_device'] / 2**30:.3f} GiB on mesh {mesh}")
-  print(f"replicated fraction:   {report['unsharded_param_fraction']:.4f}")
-  return 0
+def format_report(config, report):
+  """The figures of `describe` as the lines `paxgpt info` prints."""
+  mesh = ",".join(f"{k}:{v}" for k, v in report["mesh"].items())
+  return "\n".join([
+      f"GPT: {config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads "
+      f"x {config.head_dim}, d_ff {config.d_ff}, vocab {config.vocab_size} "
+      f"(padded {config.padded_vocab_size}), attention {'/'.join(config.attention_pattern)} "
+      f"(W={config.window})",
+      f"parameters:            {report['params']:,} "
+      f"({report['params_non_embedding']:,} non-embedding)",
+      f"training FLOPs/token:  {report['flops_per_token']:.4g} at length {report['seq_len']}",
+      f"param bytes/device:    {report['param_bytes_per_device'] / 2**30:.3f} GiB on mesh {mesh}",
+      f"replicated fraction:   {report['unsharded_param_fraction']:.4f}",
+  ])

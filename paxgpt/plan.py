@@ -12,7 +12,7 @@ come from the real TPU compiler and the Pallas attention kernels are compiled
 inside shard_map; otherwise as many fake CPU devices as the mesh has (the CPU
 compiler's figures: the same sharding, another backend's fusion and layout).
 
-The step is the trainer's own (paxgpt.trainer.make_train_step with the GPT-3
+The step is the trainer's own (paxgpt.train_step.make_train_step with the GPT-3
 optimizer; gin's TrainConfig.num_microbatches applies), with full remat unless
 --remat says otherwise. A step the TPU compiler refuses for lack of HBM is
 reported as not fitting, with the temporaries its message names.
@@ -20,17 +20,14 @@ reported as not fitting, with the temporaries its message names.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 
-import flax.linen as nn
 import gin
 import jax
 import numpy as np
 
-from paxgpt import accounting, info, model, optim, sharding, trainer
+from paxgpt import accounting, info, model, optim, sharding, train_step, trainer
 from paxgpt.errors import UsageError
 
 DEFAULT_MFU = 0.4
@@ -61,9 +58,6 @@ def parse_topology(chip, topology):
 
 def topology_devices(chip, dims):
   """Compile-only TPU devices of a `chip` slice shaped `dims` (needs libtpu, no TPU)."""
-  # libtpu takes a machine-wide lock when it loads; compile-only use needs no TPU,
-  # so several processes (tests, other engineers' checks) may share it.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(topology_name=f"{chip}:{dims}", platform="tpu",
@@ -90,28 +84,22 @@ def cpu_devices(count):
 
 # ---------------------------------------------------------------- train step
 
-def _with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def _trainer_step(config, partitioner, batch_size, seq_len):
   """The trainer's own jitted train step (GPT-3 optimizer, gin's TrainConfig
   microbatches) and its abstract arguments."""
   train_config = trainer.TrainConfig()
-  micro, shards = train_config.num_microbatches, partitioner.mesh.size // partitioner.axis_sizes[
-      "tensor"]
+  micro, shards = train_config.num_microbatches, partitioner.shards("batch")
   if batch_size % micro or (batch_size // micro) % shards:
     raise UsageError(f"--batch={batch_size} in TrainConfig.num_microbatches={micro} "
                      f"microbatches does not split evenly over the {shards} batch shards")
   optimizer, schedule = optim.make_optimizer(optim.OptimizerConfig(), train_config.num_steps,
                                              batch_size * seq_len)
-  boxed = trainer.abstract_train_state(config, optimizer, partitioner)
-  step = trainer.make_train_step(config, optimizer, partitioner, schedule=schedule,
-                                 num_microbatches=train_config.num_microbatches,
-                                 abstract_state=boxed)
-  state = _with_shardings(nn.unbox(boxed), trainer.state_shardings(boxed, partitioner))
-  batch = trainer.abstract_batch(batch_size, seq_len, partitioner)
+  boxed = train_step.abstract_train_state(config, optimizer)
+  step = train_step.make_train_step(config, optimizer, partitioner, schedule=schedule,
+                                    num_microbatches=train_config.num_microbatches,
+                                    abstract_state=boxed)
+  state = partitioner.abstract(boxed)
+  batch = train_step.abstract_batch(batch_size, seq_len, partitioner)
   return step, (state, batch), state.params, state.opt_state
 
 
@@ -133,9 +121,10 @@ def lower_train_step(config, devices, axis_sizes, batch_size, seq_len):
         f"mesh {','.join(f'{k}:{v}' for k, v in axis_sizes.items())} needs "
         f"{math.prod(axis_sizes.values())} devices but there are {len(devices)}")
   info.check_model_on_mesh(config, axis_sizes)
-  batch_shards = axis_sizes["data"] * axis_sizes["fsdp"]
+  batch_shards = sharding.shard_count("batch", axis_sizes)
   if batch_size % batch_shards:
-    raise UsageError(f"--batch={batch_size} is not divisible by data x fsdp = {batch_shards}")
+    axes = " x ".join(sharding.mesh_axes_of("batch"))
+    raise UsageError(f"--batch={batch_size} is not divisible by {axes} = {batch_shards}")
   if seq_len > config.max_len:
     raise UsageError(f"--seq_len={seq_len} exceeds the model's max_len={config.max_len}")
   mesh = sharding.make_mesh(**axis_sizes, devices=devices)
@@ -183,7 +172,8 @@ def _out_of_memory_figures(message, params, opt_state, config, devices, axis_siz
   temp = (int(float(found.group(1)) * 2**(10 * "KMGT".index(found.group(2)) + 10))
           if found else None)
   state = bytes_on_one_device(params) + bytes_on_one_device(opt_state)
-  arguments = state + 5 * 4 * (batch_size // (axis_sizes["data"] * axis_sizes["fsdp"])) * seq_len
+  batch_rows = sharding.local_shape((batch_size,), ("batch",), axis_sizes)[0]
+  arguments = state + len(train_step.BATCH_FEATURES) * 4 * batch_rows * seq_len
   report = plan_figures(None, params, opt_state, config, devices, axis_sizes, batch_size,
                         seq_len, chip, mfu,
                         memory=(arguments, state, state, temp if temp is not None else 0))
@@ -249,36 +239,31 @@ def _default_batch(batch_shards, seq_len):
   return max(1, tokens // seq_len // batch_shards) * batch_shards
 
 
-def plan_command(args):
-  remat = getattr(args, "remat", DEFAULT_REMAT)
-  mfu = getattr(args, "mfu", DEFAULT_MFU)
+def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REMAT,
+         mfu=DEFAULT_MFU, seq_len=None):
+  """The figures of `paxgpt plan` for gin's GPTConfig (see the module docstring)."""
   if not 0 < mfu <= 1:
     raise UsageError(f"--mfu={mfu}: expected a fraction in (0, 1]")
   config = model.GPTConfig()
-  if args.topology:
-    chip, dims = parse_topology(args.chip, args.topology)
+  if topology:
+    chip, dims = parse_topology(chip, topology)
     devices = topology_devices(chip, dims)
-    axis_sizes = info.mesh_axis_sizes(args.mesh, len(devices))
+    axis_sizes = info.mesh_axis_sizes(mesh_flag, len(devices))
     # Pallas (Mosaic) attention under shard_map, as the TPU run would use.
     config = dataclasses.replace(config, attention_backend="tpu", attention_interpret=False)
   else:
-    chip = args.chip or "v5p"
+    chip = chip or "v5p"
     if chip not in accounting.CHIPS:
       raise UsageError(f"--chip={chip}: expected one of {'|'.join(accounting.CHIPS)}")
-    axis_sizes = info.mesh_axis_sizes(args.mesh, None if args.mesh else jax.device_count())
+    axis_sizes = info.mesh_axis_sizes(mesh_flag, None if mesh_flag else jax.device_count())
     devices = cpu_devices(math.prod(axis_sizes.values()))
     config = dataclasses.replace(config, attention_backend="reference")
   config = dataclasses.replace(config, remat_policy=remat)
-  seq_len = getattr(args, "seq_len", None) or config.max_len
-  batch = args.batch or _default_batch(axis_sizes["data"] * axis_sizes["fsdp"], seq_len)
+  seq_len = seq_len or config.max_len
+  batch = batch or _default_batch(sharding.shard_count("batch", axis_sizes), seq_len)
   if batch < 1:
     raise UsageError(f"--batch={batch}: must be positive")
-  report = compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu)
-  if args.json:
-    print(json.dumps(report))
-    return 0
-  print(format_report(report))
-  return 0
+  return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu)
 
 
 def format_report(r):

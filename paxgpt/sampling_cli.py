@@ -31,7 +31,6 @@ import gin
 import jax
 
 from paxgpt import checkpoint, data, model, sampling, sharding
-from paxgpt import trainer  # noqa: F401  (registers the configurables experiment files bind)
 from paxgpt.errors import UsageError
 
 MAX_SEED = 2**31 - 1
@@ -324,30 +323,34 @@ def load_vocabulary(config: SampleConfig, model_vocab_size):
     raise UsageError(f"vocabulary {data_config.vocabulary!r}: {e}") from e
 
 
-def sample_command(args):
+def sample_file(prompts, output, step=None, mesh=None):
+  """Sample every request line of the JSONL file `prompts` into `output`, from
+  SampleConfig.checkpoint_dir's checkpoint `step` (default latest) restored onto
+  `mesh` (default sharding.make_mesh()). Returns the exit code: 1 when a line
+  failed, else 0."""
   config = SampleConfig()
   if not config.checkpoint_dir:
     raise UsageError("no checkpoint directory: pass --gin.CHECKPOINT_DIR=\"'DIR'\" "
                      "(the training run's MODEL_DIR)")
   try:
-    with open(args.prompts, encoding="utf-8") as f:
+    with open(prompts, encoding="utf-8") as f:
       lines = f.read().splitlines()
   except OSError as e:
-    raise UsageError(f"--prompts={args.prompts}: {e.strerror}") from e
+    raise UsageError(f"--prompts={prompts}: {e.strerror}") from e
   model_config = model.GPTConfig()
   vocab = load_vocabulary(config, model_config.vocab_size)
-  overrides = sharding.parse_mesh_flag(args.mesh) if args.mesh else {}
-  partitioner = sharding.Partitioner(sharding.make_mesh(**overrides))
+  partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
   abstract, shardings = sampling.abstract_params(model_config, partitioner)
-  params = checkpoint.restore_params(config.checkpoint_dir, abstract, shardings, step=args.step)
+  params = checkpoint.restore_params(config.checkpoint_dir,
+                                     sharding.with_shardings(abstract, shardings), step=step)
   decoder = sampling.Decoder(model_config, params, partitioner, vocab.eos_id)
   outputs, errors = run_requests(decoder, vocab, lines, config, model_config.max_len)
   if jax.process_index() == 0:
-    with open(args.output, "w", encoding="utf-8") as f:
+    with open(output, "w", encoding="utf-8") as f:
       for out in outputs:
         f.write(json.dumps(out, ensure_ascii=False) + "\n")
   done = len(outputs) - errors
-  print(f"paxgpt sample: {done} prompts completed, {errors} failed -> {args.output}")
+  print(f"paxgpt sample: {done} prompts completed, {errors} failed -> {output}")
   for out in outputs:
     if "error" in out:
       print(f"paxgpt sample: error: {out['error']}")

@@ -56,11 +56,28 @@ def shard_count(logical_axis, axis_sizes, rules=LOGICAL_AXIS_RULES):
   return math.prod(axis_sizes[a] for a in mesh_axes_of(logical_axis, rules))
 
 
+def check_divisible(what, size, logical_axis, axis_sizes, rules=LOGICAL_AXIS_RULES):
+  """Raise MeshError unless `size` divides evenly over `logical_axis`'s shards."""
+  n = shard_count(logical_axis, axis_sizes, rules)
+  if size % n:
+    axes = "x".join(mesh_axes_of(logical_axis, rules))
+    raise MeshError(f"{what}={size} is not divisible by the {axes} mesh axis size {n}")
+
+
 def local_shape(shape, logical_axes, axis_sizes, rules=LOGICAL_AXIS_RULES):
   """The shape of one device's shard (ceil division, as XLA pads)."""
   logical_axes = tuple(logical_axes) + (None,) * (len(shape) - len(logical_axes))
   return tuple(-(-d // (1 if name is None else shard_count(name, axis_sizes, rules)))
                for d, name in zip(shape, logical_axes))
+
+
+def logical_leaves(boxed_tree):
+  """[(leaf, logical axis names)] of a tree of flax `LogicallyPartitioned`
+  boxes; an unboxed leaf has no names (replicated)."""
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed_tree),
+                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+  leaves = jax.tree.leaves(nn.unbox(boxed_tree))
+  return [(leaf, tuple(spec)) for leaf, spec in zip(leaves, specs, strict=True)]
 
 
 def with_shardings(tree, shardings):
@@ -168,12 +185,7 @@ class Partitioner:
       yield self
 
   def check_divisible(self, what, size, logical_axis):
-    """Raise MeshError unless `size` divides evenly over `logical_axis`'s mesh axes."""
-    axes = mesh_axes_of(logical_axis, self.rules)
-    n = self.shards(logical_axis)
-    if size % n:
-      raise MeshError(f"{what}={size} is not divisible by the {'x'.join(axes)} mesh axis "
-                      f"size {n}")
+    check_divisible(what, size, logical_axis, self.axis_sizes, self.rules)
 
 
 def shard_map_logical(fn, in_logical, out_logical):

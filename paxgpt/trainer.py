@@ -1,57 +1,35 @@
-"""Train state, the sharded train and eval steps, and the training loop.
+"""The training loop: data, checkpoints, metrics and the stopping rules around
+the step of paxgpt/train_step.py; and `evaluate`, a checkpoint's validation loss.
 
-The API other modules use:
+  train(model_dir)            # gin-configured; resumes from MODEL_DIR's checkpoints
+  evaluate(model_dir, step=N) # {"step", "validation_loss", ...}
 
-  state = abstract_train_state(model_config, optimizer, partitioner)  # boxed shapes
-  step = make_train_step(model_config, optimizer, partitioner, num_microbatches=4)
-  step.lower(nn.unbox(state), abstract_batch(8, 256)).compile()       # `paxgpt plan`
-  new_state, metrics = step(state, batch)                             # state donated
-  train(model_dir)                                                    # the loop (gin)
-
-The step's input and output shardings come from the logical axis rules
-(Partitioner.tree_shardings on the boxed abstract state); the batch is split
-into microbatches whose gradients are summed in a `lax.scan`, so a large
-global batch fits; parameters and optimizer state stay float32 while the
-model computes in GPTConfig.dtype (bfloat16 by default).
+The loop needs the data side (TensorFlow, SeqIO: paxgpt/data.py); the step it
+runs does not.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import signal
 import time
 
 import flax.linen as nn
-import flax.struct
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from paxgpt import accounting, checkpoint, model, optim, sharding
+from paxgpt import data as data_lib
 from paxgpt.errors import UsageError
 from paxgpt.metrics import MetricsWriter
-
-try:  # the data side (TensorFlow, SeqIO); the train step itself needs only JAX
-  from paxgpt import data as data_lib
-except ImportError:  # a JAX-only box (e.g. `paxgpt plan`, GPU benchmarks)
-  data_lib = None
-
-BATCH_NAMES = ("batch", "length")
+from paxgpt.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
+                               evaluate_params, make_eval_step, make_train_step)
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; training stopped before saving that state."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  params: dict
-  opt_state: optax.OptState
-  step: jax.Array
 
 
 @gin.configurable
@@ -97,165 +75,6 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
     if self.eval_every < 0:
       raise ValueError(f"TrainConfig.eval_every={self.eval_every} must be >= 0")
-
-
-def _model_fn(config, deterministic):
-  gpt = model.GPT(config)
-
-  def apply(params, batch, rng):
-    return gpt.apply({"params": params}, batch["decoder_input_tokens"],
-                     positions=batch["decoder_positions"],
-                     segment_ids=batch["decoder_segment_ids"], deterministic=deterministic,
-                     rngs=None if deterministic else {"dropout": rng})
-  return apply
-
-
-def abstract_train_state(model_config, optimizer, partitioner=None):
-  """TrainState of ShapeDtypeStructs in flax LogicallyPartitioned boxes (the
-  step is a plain int32 scalar); nothing is allocated. `partitioner` is
-  unused (shapes do not depend on the mesh) and kept for a uniform call."""
-  del partitioner
-  params = model.abstract_variables(model_config)["params"]
-  opt_state = jax.eval_shape(optimizer.init, params)
-  return TrainState(params=params, opt_state=opt_state,
-                    step=jax.ShapeDtypeStruct((), jnp.int32))
-
-
-def state_shardings(abstract_state, partitioner):
-  """NamedShardings for every leaf of a boxed TrainState (unboxed tree shape)."""
-  return partitioner.tree_shardings(abstract_state)
-
-
-def abstract_batch(batch_size, sequence_length, partitioner=None):
-  """The batch the step takes, as ShapeDtypeStructs (sharded on batch when a
-  partitioner is given)."""
-  s = None if partitioner is None else partitioner.sharding(BATCH_NAMES)
-  return {name: jax.ShapeDtypeStruct((batch_size, sequence_length), jnp.int32, sharding=s)
-          for name in BATCH_FEATURES}
-
-
-BATCH_FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
-                  "decoder_segment_ids", "decoder_positions")
-
-
-class ShardedStep:
-  """A jitted step whose tracing happens under the partitioner's mesh and
-  rules. Call it, or `.lower(*abstract_args)` it, like the jitted function."""
-
-  def __init__(self, jitted, partitioner, state_shardings=None):
-    self.jitted = jitted
-    self.partitioner = partitioner
-    self.state_shardings = state_shardings
-
-  def __call__(self, *args):
-    with self.partitioner.activate():
-      return self.jitted(*args)
-
-  def lower(self, *args):
-    with self.partitioner.activate():
-      return self.jitted.lower(*args)
-
-
-def _split_microbatches(batch, num_microbatches, partitioner):
-  """[B, L] -> [M, B/M, L], microbatch m = rows m, m+M, ...: every device keeps
-  a share of each microbatch, so the scan never moves rows between devices."""
-  spec = partitioner.sharding((None,) + BATCH_NAMES)
-
-  def split(x):
-    b = x.shape[0]
-    x = x.reshape((b // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(x, spec)
-  return jax.tree_util.tree_map(split, batch)
-
-
-def _sum_loss_and_grads(apply, params, batch, rng, z_loss):
-  """Gradient of the *summed* weighted loss of one (micro)batch, so sums over
-  microbatches divided by the total weight equal the full-batch mean."""
-  def summed(p):
-    logits = apply(p, batch, rng)
-    _, aux = model.lm_loss(logits, batch["decoder_target_tokens"],
-                           batch["decoder_loss_weights"], z_loss)
-    z_sum = aux["z_loss"] * jnp.maximum(aux["weight_sum"], 1.0)
-    return aux["nll_sum"] + z_loss * z_sum, (aux["nll_sum"], aux["weight_sum"], z_sum)
-  (_, sums), grads = jax.value_and_grad(summed, has_aux=True)(params)
-  return grads, sums
-
-
-def make_train_step(model_config, optimizer, partitioner, *, num_microbatches=1,
-                    z_loss=0.0, schedule=None, seed=0, abstract_state=None):
-  """The jitted, sharded train step `(state, batch) -> (state, metrics)`.
-
-  The state is donated; metrics (replicated scalars): loss (mean over
-  non-padding targets, z-loss included), cross_entropy, z_loss, grad_norm
-  (before clipping), learning_rate (needs `schedule`), tokens (weight sum).
-  """
-  abstract_state = abstract_state or abstract_train_state(model_config, optimizer)
-  shardings = state_shardings(abstract_state, partitioner)
-  batch_shardings = {k: partitioner.sharding(BATCH_NAMES) for k in BATCH_FEATURES}
-  deterministic = model_config.dropout_rate == 0
-  apply = _model_fn(model_config, deterministic)
-  base_key = jax.random.key(seed)
-
-  def step_fn(state, batch):
-    rng = jax.random.fold_in(base_key, state.step)
-    batch = {k: batch[k] for k in BATCH_FEATURES}
-    if num_microbatches == 1:
-      grads, (nll, weight, z_sum) = _sum_loss_and_grads(apply, state.params, batch, rng,
-                                                         z_loss)
-    else:
-      micro = _split_microbatches(batch, num_microbatches, partitioner)
-
-      def body(carry, xs):
-        i, mb = xs
-        g, s = _sum_loss_and_grads(apply, state.params, mb, jax.random.fold_in(rng, i),
-                                   z_loss)
-        return jax.tree_util.tree_map(jnp.add, carry, (g, s)), None
-      zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
-               (jnp.zeros((), jnp.float32),) * 3)
-      (grads, (nll, weight, z_sum)), _ = jax.lax.scan(
-          body, zeros, (jnp.arange(num_microbatches), micro))
-    denom = jnp.maximum(weight, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": (nll + z_loss * z_sum) / denom, "cross_entropy": nll / denom,
-               "z_loss": z_sum / denom, "grad_norm": optax.tree.norm(grads),
-               "tokens": weight}
-    if schedule is not None:
-      metrics["learning_rate"] = schedule(state.step)
-    return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
-
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings),
-                   out_shardings=(shardings, partitioner.replicated()), donate_argnums=0)
-  return ShardedStep(jitted, partitioner, shardings)
-
-
-def make_eval_step(model_config, partitioner, params_shardings):
-  """Jitted `(params, batch) -> (nll_sum, weight_sum)` over non-padding targets."""
-  apply = _model_fn(model_config, True)
-
-  def eval_fn(params, batch):
-    logits = apply(params, batch, None)
-    _, aux = model.lm_loss(logits, batch["decoder_target_tokens"],
-                           batch["decoder_loss_weights"])
-    return aux["nll_sum"], aux["weight_sum"]
-  batch_shardings = {k: partitioner.sharding(BATCH_NAMES) for k in BATCH_FEATURES}
-  return ShardedStep(jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings),
-                             out_shardings=partitioner.replicated()), partitioner)
-
-
-def evaluate_params(eval_step, params, batches):
-  """Validation loss (nats per target token), perplexity and token count."""
-  nll, weight = 0.0, 0.0
-  for batch in batches:
-    n, w = eval_step(params, {k: batch[k] for k in BATCH_FEATURES})
-    nll, weight = nll + n, weight + w
-  weight = float(weight)
-  if weight == 0:
-    raise UsageError("the validation split gave no tokens to evaluate")
-  loss = float(nll) / weight
-  return {"validation_loss": loss, "validation_perplexity": float(np.exp(min(loss, 80.0))),
-          "validation_tokens": int(weight)}
 
 
 class _SigtermFlag:
@@ -335,8 +154,6 @@ class _Run:
 
   def __init__(self, model_dir, model_config, data_config, opt_config, train_config,
                ckpt_config, partitioner):
-    if data_lib is None:
-      raise UsageError("training needs the data pipeline (paxgpt.data: TensorFlow, SeqIO)")
     self.data_lib = data_lib
     self.model_dir = os.fspath(model_dir)
     self.model_config, self.opt_config, self.cfg = model_config, opt_config, train_config
@@ -353,7 +170,7 @@ class _Run:
     self.optimizer, self.schedule = optim.make_optimizer(opt_config, train_config.num_steps,
                                                          tokens_per_step)
     self.abstract = abstract_train_state(model_config, self.optimizer)
-    self.shardings = state_shardings(self.abstract, partitioner)
+    self.shardings = partitioner.tree_shardings(self.abstract)
     self._steps = {}
     self.eval_step = make_eval_step(model_config, partitioner, self.shardings.params)
     self.checkpointer = checkpoint.Checkpointer(self.model_dir, ckpt_config)
@@ -381,21 +198,18 @@ class _Run:
   def initial_state(self):
     """(state, validation_loss) from MODEL_DIR's latest checkpoint, else from
     init_from's parameters, else freshly initialised."""
-    abstract = nn.unbox(self.abstract)
-    with_sharding = lambda tree, sh: jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    abstract = self.partitioner.abstract(self.abstract)
     latest = self.checkpointer.latest_step()
     if latest is not None:
       params, opt_state, data_state, meta = self.checkpointer.restore(
-          latest, with_sharding(abstract.params, self.shardings.params),
-          with_sharding(abstract.opt_state, self.shardings.opt_state))
+          latest, abstract.params, abstract.opt_state)
       self.data.restore(data_state)
       step = jax.device_put(jnp.int32(latest), self.shardings.step)
       return TrainState(params, opt_state, step), meta.get("validation_loss")
     init_opt = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)
     if self.cfg.init_from:
       params = checkpoint.restore_params(self.cfg.init_from, abstract.params,
-                                         self.shardings.params, self.cfg.init_step)
+                                         self.cfg.init_step)
     else:
       gpt = model.GPT(self.model_config)
       tokens = jnp.zeros((1, min(8, self.model_config.max_len)), jnp.int32)
@@ -545,49 +359,7 @@ def evaluate(model_dir=gin.REQUIRED, *, mesh=None, step=None, model_config=None,
   finally:
     checkpointer.close()
   boxed = model.abstract_variables(model_config)["params"]
-  shardings = partitioner.tree_shardings(boxed)
-  params = checkpoint.restore_params(model_dir, nn.unbox(boxed), shardings, step)
-  eval_step = make_eval_step(model_config, partitioner, shardings)
+  params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
+  eval_step = make_eval_step(model_config, partitioner, partitioner.tree_shardings(boxed))
   result = evaluate_params(eval_step, params, data_lib.eval_batches(data_config, partitioner))
   return {"step": step, **result}
-
-
-def _mesh_from_args(args):
-  overrides = sharding.parse_mesh_flag(args.mesh) if getattr(args, "mesh", None) else {}
-  return sharding.make_mesh(**overrides)
-
-
-def _as_usage_error(fn):
-  """Usage errors and bad data settings (paxgpt.data.DataError) reach the CLI as
-  one line naming the problem."""
-  @functools.wraps(fn)
-  def wrapper(args):
-    try:
-      return fn(args)
-    except ((UsageError,) + ((data_lib.DataError,) if data_lib else ())) as e:
-      # gin appends "In call to configurable ..." to errors raised inside `train`.
-      raise UsageError(str(e).split(" In call to configurable")[0].strip()) from e
-  return wrapper
-
-
-@_as_usage_error
-def train_command(args):
-  """`paxgpt train`: exit 0 when done (or stopped by SIGTERM after saving), 1
-  when the loss became NaN/Inf."""
-  try:
-    summary = train(mesh=_mesh_from_args(args))
-  except NonFiniteLossError as e:
-    print(f"paxgpt: error: {e}", flush=True)
-    return 1
-  if jax.process_index() == 0:
-    print(json.dumps({k: v for k, v in summary.items()}), flush=True)
-  return 0
-
-
-@_as_usage_error
-def eval_command(args):
-  """`paxgpt eval`: prints one JSON object (step, validation loss, perplexity)."""
-  result = evaluate(mesh=_mesh_from_args(args), step=args.step)
-  if jax.process_index() == 0:
-    print(json.dumps(result), flush=True)
-  return 0

@@ -11,19 +11,22 @@ Every name is registered with the byte vocabulary; `task_name_for(name, spec)` g
 (and registers on first use) the variant for another vocabulary spec.
 """
 from tasks import vocabularies
+from tasks import gpt2_bpe
 from tasks import registry
+from tasks import spm_training
 from tasks import pydoc_topics
 from tasks import text_files
 from tasks import c4
 from tasks import mixtures
-from tasks.registry import UnknownTaskError, get_provider, get_task, task_name_for
+from tasks.gpt2_bpe import GPT2BPEVocabulary
+from tasks.registry import UnknownTaskError, get_task, task_name_for
+from tasks.spm_training import train_sentencepiece
 from tasks.text_files import TextFilesError, text_files_task
-from tasks.vocabularies import (GPT2BPEVocabulary, VocabularyError, get_vocabulary,
-                                train_sentencepiece)
+from tasks.vocabularies import VocabularyError, get_vocabulary
 
 __all__ = [
     "GPT2BPEVocabulary", "TextFilesError", "UnknownTaskError", "VocabularyError",
-    "get_provider", "get_task", "get_vocabulary", "task_name_for", "text_files_task",
-    "train_sentencepiece", "vocabularies", "registry", "pydoc_topics", "text_files", "c4",
+    "get_task", "get_vocabulary", "task_name_for", "text_files_task",
+    "train_sentencepiece", "vocabularies", "gpt2_bpe", "spm_training", "registry", "pydoc_topics", "text_files", "c4",
     "mixtures",
 ]

@@ -94,11 +94,6 @@ def task_name_for(name: str, spec: str = DEFAULT_SPEC) -> str:
                          f"{', '.join(n for n in known_names() if '.' not in n)}")
 
 
-def get_provider(name: str, spec: str = DEFAULT_SPEC):
-  """The seqio Task or Mixture for `name` with vocabulary `spec`."""
-  return seqio.get_mixture_or_task(task_name_for(name, spec))
-
-
 def get_task(name: str) -> seqio.Task:
   """A registered task (not a mixture), with its default vocabulary."""
   registered = task_name_for(name)

@@ -1,4 +1,9 @@
-"""Tests run on CPU with 8 fake devices (set before JAX starts)."""
+"""Tests run on CPU with 8 fake devices (set before JAX starts), and the pieces
+several test files share: the tiny model, meshes, train-state initialisers and
+the hand-computed parameter count.
+
+Import the helpers (`from conftest import tiny, one_device`) where a module-level
+constant needs them; use the fixtures of the same names in test functions."""
 import os
 import sys
 
@@ -8,3 +13,74 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import paxgpt  # noqa: E402,F401  (quiets libtpu's start-up on machines without a TPU)
+import pytest  # noqa: E402
+
+# The tiny GPT-3 of the unit tests: 2 layers (one dense, one banded), the byte
+# vocabulary (259 ids, padded to 384 rows), float32 so comparisons are tight.
+TINY = dict(vocab_size=259, num_layers=2, d_model=64, num_heads=4, head_dim=16, max_len=128,
+            window=16, dtype="float32")
+
+
+def tiny(**overrides):
+  from paxgpt import model
+  return model.GPTConfig(**{**TINY, **overrides})
+
+
+def one_device():
+  """A (1, 1, 1) mesh on the first device."""
+  import jax
+  from paxgpt import sharding
+  return sharding.Partitioner(sharding.make_mesh(data=1, fsdp=1, tensor=1,
+                                                 devices=jax.devices()[:1]))
+
+
+def mesh_2x2x2():
+  from paxgpt import sharding
+  return sharding.Partitioner(sharding.make_mesh(data=2, fsdp=2, tensor=2))
+
+
+_STATE_INITIALIZERS = {}
+
+
+def init_train_state(config, optimizer, partitioner, seed=0):
+  """A TrainState with seed-dependent parameters laid out on `partitioner`; the
+  same values on any mesh (one compiled initialiser per config and mesh)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from paxgpt import model, train_step
+  key = (config, id(optimizer), tuple(partitioner.mesh.shape.items()))
+  if key not in _STATE_INITIALIZERS:
+    abstract = train_step.abstract_train_state(config, optimizer)
+    gpt = model.GPT(config)
+
+    def init(k):
+      params = nn.unbox(gpt.init(k, jnp.zeros((1, 8), jnp.int32)))["params"]
+      return train_step.TrainState(params, optimizer.init(params), jnp.int32(0))
+    _STATE_INITIALIZERS[key] = jax.jit(init,
+                                       out_shardings=partitioner.tree_shardings(abstract))
+  with partitioner.activate():
+    return _STATE_INITIALIZERS[key](jax.random.key(seed))
+
+
+def closed_form_params(c):
+  """Parameters of a GPT-3 decoder, counted by hand from its definition."""
+  attn = c.num_heads * c.head_dim
+  per_layer = (3 * (c.d_model * attn + attn)      # query, key, value
+               + attn * c.d_model + c.d_model     # output projection
+               + 2 * c.d_model * c.d_ff + c.d_ff + c.d_model  # MLP
+               + 4 * c.d_model)                   # two LayerNorms
+  return (c.num_layers * per_layer + c.padded_vocab_size * c.d_model
+          + c.max_len * c.d_model + 2 * c.d_model)
+
+
+@pytest.fixture(name="tiny_config")
+def _tiny_config():
+  return tiny()
+
+
+@pytest.fixture(name="one_device")
+def _one_device():
+  return one_device()
+
+

@@ -8,32 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paxgpt import checkpoint, model, optim, sharding, trainer
+from conftest import init_train_state, one_device, tiny
+from paxgpt import checkpoint, optim, sharding, train_step
 from paxgpt.errors import UsageError
 
-CONFIG = model.GPTConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=259,
-                         max_len=32, window=8, dtype="float32")
+CONFIG = tiny(max_len=32, window=8)
 
 
 OPTIMIZER, _ = optim.make_optimizer(optim.OptimizerConfig(decay_steps=10))
-ABSTRACT = trainer.abstract_train_state(CONFIG, OPTIMIZER)
-_INITIALIZERS = {}
+ABSTRACT = train_step.abstract_train_state(CONFIG, OPTIMIZER)
 
 
 def _state_on(partitioner, seed=0):
-  """A train state with seed-dependent parameters, laid out on `partitioner`
-  (one compiled initializer per mesh)."""
-  key = tuple(partitioner.mesh.shape.items())
-  if key not in _INITIALIZERS:
-    shardings = trainer.state_shardings(ABSTRACT, partitioner)
-    gpt = model.GPT(CONFIG)
-
-    def init(k):
-      params = nn.unbox(gpt.init(k, jnp.zeros((1, 8), jnp.int32)))["params"]
-      return trainer.TrainState(params, OPTIMIZER.init(params), jnp.int32(0))
-    _INITIALIZERS[key] = jax.jit(init, out_shardings=shardings)
-  with partitioner.activate():
-    return _INITIALIZERS[key](jax.random.key(seed)), ABSTRACT, None
+  return init_train_state(CONFIG, OPTIMIZER, partitioner, seed), ABSTRACT, None
 
 
 def _save(directory, steps, partitioner):
@@ -50,11 +37,10 @@ def _save(directory, steps, partitioner):
 def test_relative_model_dir_saves_and_restores(tmp_path, monkeypatch):
   # launch/local.sh's default MODEL_DIR is relative (runs/demo); Orbax wants absolute paths.
   monkeypatch.chdir(tmp_path)
-  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  part = one_device()
   states, abstract = _save(os.path.join("runs", "demo"), [1, 2], part)
   assert sorted(os.listdir(tmp_path / "runs" / "demo" / checkpoint.CHECKPOINT_SUBDIR)) == ["1", "2"]
-  shardings = part.tree_shardings(abstract.params)
-  params = checkpoint.restore_params("runs/demo", nn.unbox(abstract).params, shardings)
+  params = checkpoint.restore_params("runs/demo", part.abstract(abstract.params))
   for got, want in zip(jax.tree_util.tree_leaves(params),
                        jax.tree_util.tree_leaves(states[2].params)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -66,7 +52,7 @@ def test_restore_params_onto_another_mesh(tmp_path):
   mesh_b = sharding.make_mesh(data=1, fsdp=4, tensor=1, devices=jax.devices()[:4])
   part_b = sharding.Partitioner(mesh_b)
   shardings_b = part_b.tree_shardings(abstract.params)
-  params = checkpoint.restore_params(tmp_path, nn.unbox(abstract).params, shardings_b)
+  params = checkpoint.restore_params(tmp_path, part_b.abstract(abstract.params))
   saved = jax.tree_util.tree_leaves(states[1].params)
   for got, want, sh in zip(jax.tree_util.tree_leaves(params), saved,
                            jax.tree_util.tree_leaves(shardings_b)):
@@ -78,16 +64,11 @@ def test_restore_params_onto_another_mesh(tmp_path):
 
 
 def test_full_state_and_data_position_round_trip(tmp_path):
-  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  part = one_device()
   states, abstract = _save(tmp_path, [3], part)
-  shardings = trainer.state_shardings(abstract, part)
-  unboxed = nn.unbox(abstract)
-  with_sh = lambda t, s: jax.tree_util.tree_map(
-      lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=x), t, s)
+  sharded = part.abstract(abstract)
   ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
-  params, opt_state, data_state, meta = ckpt.restore(
-      3, with_sh(unboxed.params, shardings.params), with_sh(unboxed.opt_state,
-                                                           shardings.opt_state))
+  params, opt_state, data_state, meta = ckpt.restore(3, sharded.params, sharded.opt_state)
   ckpt.close()
   assert data_state == {"position": 3} and meta["step"] == 3
   for got, want in zip(jax.tree_util.tree_leaves((params, opt_state)),
@@ -96,7 +77,7 @@ def test_full_state_and_data_position_round_trip(tmp_path):
 
 
 def test_interrupted_save_is_skipped(tmp_path):
-  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  part = one_device()
   states, abstract = _save(tmp_path, [1, 2], part)
   ckpt_dir = checkpoint.checkpoint_dir(tmp_path)
   # An interrupted save of step 3 leaves Orbax's temporary directory with part
@@ -107,16 +88,15 @@ def test_interrupted_save_is_skipped(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, read_only=True)
   assert ckpt.latest_step() == 2 and sorted(ckpt.all_steps()) == [1, 2]
   ckpt.close()
-  params = checkpoint.restore_params(tmp_path, nn.unbox(abstract).params,
-                                     part.tree_shardings(abstract.params))
+  params = checkpoint.restore_params(tmp_path, part.abstract(abstract.params))
   np.testing.assert_array_equal(np.asarray(params["token_embedding"]),
                                 np.asarray(states[2].params["token_embedding"]))
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-  part = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  part = one_device()
   abstract = ABSTRACT.params
-  args = (nn.unbox(abstract), part.tree_shardings(abstract))
+  args = (part.abstract(abstract),)
   with pytest.raises(UsageError, match="no checkpoint in .*nowhere"):
     checkpoint.restore_params(tmp_path / "nowhere", *args)
   os.makedirs(checkpoint.checkpoint_dir(tmp_path))

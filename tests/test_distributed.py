@@ -91,7 +91,7 @@ def _cli(*args):
   for key in ("PAXGPT_COORDINATOR_ADDRESS", "PAXGPT_NUM_PROCESSES", "PAXGPT_PROCESS_ID",
               "PAXGPT_DISTRIBUTED", "SLURM_NTASKS"):
     env.pop(key, None)
-  return subprocess.Popen([sys.executable, "-m", "paxgpt.main", *args], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, "-m", "paxgpt.cli", *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -4,8 +4,9 @@ import json
 import gin
 import pytest
 
-from paxgpt import accounting, info, main, model, sharding
-from test_model import closed_form_params
+from paxgpt import accounting, info, model, sharding
+from paxgpt.cli import main
+from conftest import closed_form_params
 
 # GPT-3 Table 2.1 sizes. The table rounds to two significant figures: the
 # architecture it lists has 355.9M parameters for "350M", 1.316B for "1.3B",
@@ -19,10 +20,7 @@ TABLE_2_1 = {"small": 125e6, "medium": 350e6, "large": 760e6, "xl": 1.3e9, "2p7b
 
 def run_cli(capsys, *argv):
   gin.clear_config()
-  try:
-    code = main.main(list(argv))
-  except SystemExit as e:
-    code = e.code
+  code = main.main(list(argv))
   out, err = capsys.readouterr()
   gin.clear_config()
   return code, out, err
@@ -84,8 +82,18 @@ def test_bytes_per_device_by_hand():
 
 
 def test_text_output(capsys):
-  code, out, _ = run_cli(capsys, "info", "--gin_file=gin/models/gpt3_tiny.gin")
-  assert code == 0 and "parameters:" in out and "dense/banded" in out
+  code, out, _ = run_cli(capsys, "info", "--gin_file=gin/models/gpt3_tiny.gin",
+                         "--mesh=data:1,fsdp:1,tensor:1")
+  config = model.GPTConfig(vocab_size=259, num_layers=2, d_model=64, num_heads=4, head_dim=16,
+                           max_len=128, window=16)
+  total = closed_form_params(config)
+  embedding = config.padded_vocab_size * 64 + 128 * 64
+  assert code == 0
+  assert out.splitlines()[:2] == [
+      "GPT: 2 layers, d_model 64, 4 heads x 16, d_ff 256, vocab 259 (padded 384), "
+      "attention dense/banded (W=16)",
+      f"parameters:            {total:,} ({total - embedding:,} non-embedding)"]
+  assert out.splitlines()[4] == "replicated fraction:   1.0000"
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -58,7 +58,7 @@ def test_tpu_pod_dry_run_prints_create_install_and_run_on_all_workers():
   # The remote command line, as each worker's shell will split it.
   remote = shlex.split(launch[9].removeprefix("--command="))
   assert remote[:4] == ["cd", "paxgpt", "&&", "PAXGPT_DISTRIBUTED=auto"]
-  main = remote.index("paxgpt.main")
+  main = remote.index("paxgpt.cli")
   assert remote[main + 1:] == ["train", "--gin_file=gin/models/gpt3_175b.gin",
                                "--gin_file=gin/runs/pretrain.gin",
                                "--gin.MODEL_DIR='gs://bucket/run 1'"]
@@ -70,7 +70,7 @@ def test_tpu_pod_without_create_or_install_only_runs():
   assert result.returncode == 0, result.stderr
   (line,) = result.stdout.strip().splitlines()
   assert shlex.split(line)[4:8] == ["ssh", "p", "--zone=z", "--worker=all"]
-  assert "paxgpt.main eval --gin_file=gin/models/gpt3_small.gin" in shlex.split(line)[8]
+  assert "paxgpt.cli eval --gin_file=gin/models/gpt3_small.gin" in shlex.split(line)[8]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -132,7 +132,7 @@ with open("{tmp_path}/task_" + os.environ["SLURM_PROCID"] + ".json", "w") as f:
   port = 20000 + 4242 % 20000
   for task in range(nodes * tasks_per_node):
     seen = json.loads((tmp_path / f"task_{task}.json").read_text())
-    assert seen["argv"] == ["-m", "paxgpt.main", "train", "--gin_file=gin/models/gpt3_xl.gin",
+    assert seen["argv"] == ["-m", "paxgpt.cli", "train", "--gin_file=gin/models/gpt3_xl.gin",
                             "--gin.MODEL_DIR='/shared/a b'"]
     assert seen["PAXGPT_COORDINATOR_ADDRESS"] == f"gpu-node-7:{port}"
     assert seen["PAXGPT_PROCESS_ID"] == str(task)
@@ -159,7 +159,7 @@ def test_cpu_multiprocess_dry_run_lists_each_process():
     words = line.split()
     assert words[:2] == ["XLA_FLAGS=--xla_force_host_platform_device_count=2", "JAX_PLATFORMS=cpu"]
     assert words[2:6] == ["timeout", "--kill-after=10", "50", words[5]]
-    assert words[6:] == ["-m", "paxgpt.main", "train", "--gin_file=gin/models/gpt3_tiny.gin",
+    assert words[6:] == ["-m", "paxgpt.cli", "train", "--gin_file=gin/models/gpt3_tiny.gin",
                          "--coordinator_address=127.0.0.1:12345", "--num_processes=3",
                          f"--process_id={i}", ">", f"/tmp/logs/process_{i}.log"]
 

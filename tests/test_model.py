@@ -8,31 +8,13 @@ import numpy as np
 import pytest
 
 import kernels
+from conftest import closed_form_params, mesh_2x2x2, tiny
 from paxgpt import model, sharding
-
-TINY = dict(vocab_size=259, num_layers=2, d_model=64, num_heads=4, head_dim=16, max_len=128,
-            window=16, dtype="float32")
-
-
-def tiny(**overrides):
-  return model.GPTConfig(**{**TINY, **overrides})
-
 
 def init(config, batch=2, length=32, seed=0):
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 1, config.vocab_size)
   variables = model.GPT(config).init(jax.random.key(seed), tokens)
   return nn.unbox(variables)["params"], tokens
-
-
-def closed_form_params(c):
-  """Parameters of a GPT-3 decoder, counted by hand from its definition."""
-  attn = c.num_heads * c.head_dim
-  per_layer = (3 * (c.d_model * attn + attn)      # query, key, value
-               + attn * c.d_model + c.d_model     # output projection
-               + 2 * c.d_model * c.d_ff + c.d_ff + c.d_model  # MLP
-               + 4 * c.d_model)                   # two LayerNorms
-  return (c.num_layers * per_layer + c.padded_vocab_size * c.d_model
-          + c.max_len * c.d_model + 2 * c.d_model)
 
 
 def test_param_count_matches_closed_form():
@@ -169,7 +151,7 @@ def test_sharded_loss_and_grads_equal_single_device():
   params = nn.unbox(variables)["params"]
   single_loss, single_grads = _loss_and_grads(config, params, tokens)
 
-  part = sharding.Partitioner(sharding.make_mesh(data=2, fsdp=2, tensor=2))
+  part = mesh_2x2x2()
   param_shardings = part.tree_shardings(variables)["params"]
   batch_sharding = part.sharding(("batch", "length"))
   with part.activate():

@@ -83,7 +83,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores(tmp_path):
        f"--gin.MODEL_DIR='{multi_dir}'"],
       cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   single = subprocess.Popen(
-      [sys.executable, "-m", "paxgpt.main", "train", *common, f"--gin.MODEL_DIR='{single_dir}'"],
+      [sys.executable, "-m", "paxgpt.cli", "train", *common, f"--gin.MODEL_DIR='{single_dir}'"],
       cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   multi_out, _ = multi.communicate(timeout=LIMIT_S + 30)
   multi_s = time.monotonic() - start
@@ -107,7 +107,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores(tmp_path):
 
   # The checkpoint written by both processes restores in one process on 8 devices.
   evaluated = subprocess.run(
-      [sys.executable, "-m", "paxgpt.main", "eval", f"--gin_file={gin_file}",
+      [sys.executable, "-m", "paxgpt.cli", "eval", f"--gin_file={gin_file}",
        f"--gin.MODEL_DIR='{multi_dir}'", f"--gin.evaluate.model_dir='{multi_dir}'",
        "--mesh=data:1,fsdp:8,tensor:1"],
       cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=LIMIT_S)

@@ -14,6 +14,7 @@ import jax
 import pytest
 
 from paxgpt import accounting, model, plan
+from paxgpt.cli import commands
 from paxgpt.errors import UsageError
 from paxgpt.sharding import MeshError
 
@@ -44,7 +45,7 @@ def _batch_bytes_per_device(batch, seq_len, batch_shards):
 
 def test_gpt3_xl_on_8_fake_devices(model_gin, capsys):
   model_gin("gpt3_xl")
-  assert plan.plan_command(_args(mesh="data:1,fsdp:4,tensor:2", batch=8)) == 0
+  assert commands.plan(_args(mesh="data:1,fsdp:4,tensor:2", batch=8)) == 0
   report = json.loads(capsys.readouterr().out)
   config = model.GPTConfig()
   variables = model.abstract_variables(config)
@@ -63,7 +64,8 @@ def test_gpt3_xl_on_8_fake_devices(model_gin, capsys):
   expected_arguments = state + _batch_bytes_per_device(8, 2048, 4)
   assert report["argument_bytes_per_device"] == pytest.approx(expected_arguments, rel=1e-4)
   assert report["alias_bytes_per_device"] == pytest.approx(state, rel=1e-4)  # donated
-  assert 0 < report["temp_bytes_per_device"] < 40 * 2**30
+  # Temporaries hold at least the float32 gradients (the parameters' shards).
+  assert expected_params <= report["temp_bytes_per_device"] < 40 * 2**30
   assert report["fits"] is True and report["chip"] == "v5p"
   flops = accounting.flops_per_token(config, non_embedding, 2048) * 8 * 2048
   assert report["flops_per_step"] == pytest.approx(flops)
@@ -83,7 +85,7 @@ def test_gpt3_175b_on_256_fake_devices_matches_12_bytes_per_param():
   if flags.strip():
     env["XLA_FLAGS"] = flags.strip()
   result = subprocess.run(
-      [sys.executable, "-m", "paxgpt.main", "plan", "--gin_file=gin/models/gpt3_175b.gin",
+      [sys.executable, "-m", "paxgpt.cli", "plan", "--gin_file=gin/models/gpt3_175b.gin",
        "--mesh=data:1,fsdp:64,tensor:4", "--batch=256", "--chip=v5p", "--json"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -93,7 +95,7 @@ def test_gpt3_175b_on_256_fake_devices_matches_12_bytes_per_param():
   assert state == pytest.approx(175e9 * 12 / 256, rel=0.10)
   assert report["argument_bytes_per_device"] == pytest.approx(
       state + _batch_bytes_per_device(256, 2048, 64), rel=1e-4)
-  assert report["temp_bytes_per_device"] > 0
+  assert report["temp_bytes_per_device"] >= report["param_bytes_per_device"]  # the gradients
   assert report["fits"] == (report["total_bytes_per_device"] <= 95e9)
 
 
@@ -123,12 +125,12 @@ def test_parse_topology_rejects_bad_input(chip, topology, message):
 def test_bad_batch_and_mesh_are_usage_errors(model_gin):
   model_gin("gpt3_tiny")
   with pytest.raises(UsageError, match=r"--batch=6 is not divisible by data x fsdp = 4"):
-    plan.plan_command(_args(mesh="data:1,fsdp:4,tensor:2", batch=6))
+    commands.plan(_args(mesh="data:1,fsdp:4,tensor:2", batch=6))
   with pytest.raises(MeshError, match=r"num_heads=4 is not divisible by the tensor mesh axis "
                                       r"size 8"):
-    plan.plan_command(_args(mesh="data:1,fsdp:1,tensor:8", batch=8))
+    commands.plan(_args(mesh="data:1,fsdp:1,tensor:8", batch=8))
   with pytest.raises(UsageError, match=r"--chip=a100: expected one of"):
-    plan.plan_command(_args(mesh="data:1,fsdp:8,tensor:1", chip="a100"))
+    commands.plan(_args(mesh="data:1,fsdp:8,tensor:1", chip="a100"))
 
 
 @needs_libtpu
@@ -136,7 +138,7 @@ def test_topology_and_mesh_of_different_sizes_name_both_counts(model_gin):
   model_gin("gpt3_tiny")
   with pytest.raises(MeshError, match=r"mesh data:1,fsdp:4,tensor:1 needs 4 devices but "
                                       r"there are 8"):
-    plan.plan_command(_args(mesh="data:1,fsdp:4,tensor:1", topology="v5p:2x2x2", batch=8))
+    commands.plan(_args(mesh="data:1,fsdp:4,tensor:1", topology="v5p:2x2x2", batch=8))
 
 
 @pytest.mark.tpu_compile
@@ -166,7 +168,7 @@ def test_gpt3_small_train_step_compiles_for_v5p_2x2x2_with_pallas_attention(mode
   state = report["param_bytes_per_device"] + report["optimizer_bytes_per_device"]
   unpadded = state + _batch_bytes_per_device(8, 1024, 4)
   assert unpadded <= report["argument_bytes_per_device"] < 1.1 * unpadded
-  assert 0 < report["temp_bytes_per_device"]
+  assert report["temp_bytes_per_device"] >= report["param_bytes_per_device"]  # the gradients
   assert report["total_bytes_per_device"] < accounting.CHIPS["v5p"]["hbm_bytes"]
   assert report["fits"] is True
   assert math.isclose(report["hbm_bytes_per_device"], 95e9)

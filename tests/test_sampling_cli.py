@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from paxgpt import checkpoint, main, model, sampling, sampling_cli, sharding
+from conftest import TINY, one_device, tiny
+from paxgpt import checkpoint, model, sampling, sampling_cli, sharding
+from paxgpt.cli import main
 
-TINY = dict(vocab_size=259, num_layers=2, d_model=64, num_heads=4, head_dim=16, max_len=64,
-            window=16, dtype="float32", init_std=0.3)
+MODEL = dict(max_len=64, init_std=0.3)  # conftest's TINY with these changes
 CONFIG = sampling_cli.SampleConfig(batch_size=4, max_tokens=6, temperature=0.0, prompt_bucket=16,
                                    stop_check_every=2, seed=11)
 
@@ -21,9 +22,8 @@ CONFIG = sampling_cli.SampleConfig(batch_size=4, max_tokens=6, temperature=0.0, 
 @functools.lru_cache(maxsize=None)
 def setup():
   import tasks
-  config = model.GPTConfig(**TINY)
-  partitioner = sharding.Partitioner(sharding.make_mesh(data=1, fsdp=1, tensor=1,
-                                                        devices=jax.devices()[:1]))
+  config = tiny(**MODEL)
+  partitioner = one_device()
   params = sampling.init_params(config, partitioner, seed=1)
   vocab = tasks.get_vocabulary("byte")
   return config, params, vocab, sampling.Decoder(config, params, partitioner, vocab.eos_id)
@@ -115,7 +115,7 @@ def _save_checkpoint(model_dir, params):
 
 def _cli(tmp_path, checkpoint_dir, extra=()):
   out = tmp_path / "out.jsonl"
-  bindings = [f"--gin.GPTConfig.{k}={v!r}" for k, v in TINY.items()]
+  bindings = [f"--gin.GPTConfig.{k}={v!r}" for k, v in {**TINY, **MODEL}.items()]
   try:
     return main.main(["sample", "--gin_file=gin/runs/sample.gin",
                       f"--gin.CHECKPOINT_DIR='{checkpoint_dir}'", "--gin.SampleConfig.max_tokens=5",
@@ -143,9 +143,8 @@ def test_sample_command_restores_a_checkpoint_onto_its_own_mesh(tmp_path):
 def test_sample_command_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
   (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "Hello"}) + "\n")
   (tmp_path / "empty").mkdir()
-  with pytest.raises(SystemExit) as exit_info:
-    _cli(tmp_path, tmp_path / "empty")
-  assert exit_info.value.code == 2
+  code, _ = _cli(tmp_path, tmp_path / "empty")
+  assert code == 2
   assert "no checkpoint in" in capsys.readouterr().err
 
 

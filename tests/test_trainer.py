@@ -11,15 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paxgpt import checkpoint, data, metrics, model, optim, sharding, trainer
+from conftest import init_train_state, one_device, tiny
+from paxgpt import checkpoint, data, metrics, model, optim, sharding, train_step, trainer
 from paxgpt.errors import UsageError
 
-TINY = model.GPTConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=259,
-                       max_len=128, window=16, dtype="float32")
-
-
-def _one_device():
-  return sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+TINY = tiny()
+_one_device = one_device
 
 
 def _batch(batch_size, length, seed=0):
@@ -42,33 +39,20 @@ def _batch(batch_size, length, seed=0):
 
 OPTIMIZER, SCHEDULE = optim.make_optimizer(
     optim.OptimizerConfig(peak_learning_rate=1e-3, warmup_steps=1, decay_steps=10))
-_INITIALIZERS = {}
 
 
 def _fresh_state(config, partitioner, seed=0):
-  """The same initial state for a config on any mesh (one compile per pair)."""
-  key = (config, tuple(partitioner.mesh.shape.items()))
-  if key not in _INITIALIZERS:
-    abstract = trainer.abstract_train_state(config, OPTIMIZER)
-    gpt = model.GPT(config)
-
-    def init(k):
-      params = nn.unbox(gpt.init(k, jnp.zeros((1, 8), jnp.int32)))["params"]
-      return trainer.TrainState(params, OPTIMIZER.init(params), jnp.int32(0))
-    _INITIALIZERS[key] = jax.jit(init, out_shardings=trainer.state_shardings(abstract,
-                                                                             partitioner))
-  with partitioner.activate():
-    return _INITIALIZERS[key](jax.random.key(seed))
+  return init_train_state(config, OPTIMIZER, partitioner, seed)
 
 
 def _run_steps(config, partitioner, batches, num_microbatches=1, z_loss=0.0):
   state = _fresh_state(config, partitioner)
-  step = trainer.make_train_step(config, OPTIMIZER, partitioner,
+  step = train_step.make_train_step(config, OPTIMIZER, partitioner,
                                  num_microbatches=num_microbatches, z_loss=z_loss,
                                  schedule=SCHEDULE)
   losses = []
   for batch in batches:
-    batch = jax.device_put(batch, partitioner.sharding(trainer.BATCH_NAMES))
+    batch = jax.device_put(batch, partitioner.sharding(train_step.BATCH_NAMES))
     state, m = step(state, batch)
     losses.append(float(m["loss"]))
   return state, losses, m
@@ -205,7 +189,7 @@ def test_finetune_starts_from_another_runs_parameters(uninterrupted, tmp_path):
   assert summary["step"] == 1
   abstract = model.abstract_variables(dataclasses.replace(TINY, max_len=32))["params"]
   part = _one_device()
-  args = (nn.unbox(abstract), part.tree_shardings(abstract))
+  args = (part.abstract(abstract),)
   tuned = checkpoint.restore_params(tmp_path, *args)
   start = checkpoint.restore_params(source, *args)
   for a, b in zip(jax.tree_util.tree_leaves(tuned), jax.tree_util.tree_leaves(start)):

@@ -93,10 +93,10 @@ def test_gpt2_files_that_disagree_are_an_error(tmp_path):
   write_gpt2_files(tmp_path)
   (tmp_path / "vocab.bpe").write_text("#version: 0.2\nh e\nl l\nthree parts here\n")
   with pytest.raises(vocabularies.VocabularyError, match=r"vocab.bpe line 4"):
-    vocabularies.GPT2BPEVocabulary(str(tmp_path))
+    tasks.GPT2BPEVocabulary(str(tmp_path))
   (tmp_path / "vocab.bpe").write_text("#version: 0.2\nh e\n")
   with pytest.raises(vocabularies.VocabularyError, match="does not match"):
-    vocabularies.GPT2BPEVocabulary(str(tmp_path))
+    tasks.GPT2BPEVocabulary(str(tmp_path))
 
 
 def test_bad_specs_name_the_problem(tmp_path):
@@ -144,7 +144,7 @@ def test_trained_sentencepiece_round_trips_the_demo_corpus(tmp_path):
 
 
 def test_paxgpt_vocab_command(tmp_path, capsys):
-  from paxgpt import main
+  from paxgpt.cli import main
   assert main.main(["vocab", "--task=pydoc_topics", "--size=320",
                     f"--output={tmp_path}"]) == 0
   path = str(tmp_path / "pydoc_topics_bpe320.model")

@@ -3,9 +3,13 @@
   paxgpt COMMAND --gin_file=FILE [--gin_file=...] [--gin.NAME=VALUE ...] [flags]
 
 Commands: train, eval, sample, info, plan, vocab. Gin files are looked up
-relative to the working directory, then to the paxgpt checkout. Any bad input
-(an unknown gin binding, a parameter typo, a missing --gin_file, a mesh that
-does not fit the devices) ends with one line on stderr and exit code 2.
+relative to the working directory, then to the paxgpt checkout.
+
+The error contract, applied here and nowhere else: bad input (an unknown gin
+binding, a parameter typo, a missing --gin_file, a bad config value, a mesh
+that does not fit the devices, a bad task, vocabulary or data file) ends with
+one line on stderr, "paxgpt: error: ...", naming the input, and exit code 2.
+Library code raises the errors of `input_errors()`; it never prints or exits.
 """
 from __future__ import annotations
 
@@ -21,12 +25,12 @@ import gin
 from paxgpt import distributed
 from paxgpt.errors import UsageError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-  target: str  # "module:function", imported only when the command runs
+  function: str  # in paxgpt/cli/commands.py
   help: str
   needs_gin: bool = True
   flags: tuple = ()  # (name, kwargs for argparse.add_argument)
@@ -37,25 +41,25 @@ MESH_FLAG = ("--mesh", dict(default=None,
 JSON_FLAG = ("--json", dict(action="store_true", help="print one JSON object"))
 
 COMMANDS = {
-    "train": Command("paxgpt.trainer:train_command", "train (or resume) a model in MODEL_DIR",
+    "train": Command("train", "train (or resume) a model in MODEL_DIR",
                      flags=(MESH_FLAG,)),
-    "eval": Command("paxgpt.trainer:eval_command",
+    "eval": Command("evaluate",
                     "validation loss and perplexity of a checkpoint",
                     flags=(MESH_FLAG, ("--step", dict(type=int, default=None,
                                                       help="checkpoint step (default latest)")))),
-    "sample": Command("paxgpt.sampling_cli:sample_command",
+    "sample": Command("sample",
                       "sample completions for a JSONL file of prompts",
                       flags=(MESH_FLAG,
                              ("--prompts", dict(required=True, help="input JSONL")),
                              ("--output", dict(required=True, help="output JSONL")),
                              ("--step", dict(type=int, default=None,
                                              help="checkpoint step (default latest)")))),
-    "info": Command("paxgpt.info:info_command",
+    "info": Command("info",
                     "parameters, FLOPs per token and bytes per device of a model",
                     flags=(MESH_FLAG, JSON_FLAG,
                            ("--seq_len", dict(type=int, default=None,
                                               help="sequence length for FLOPs (default max_len)")))),
-    "plan": Command("paxgpt.plan:plan_command",
+    "plan": Command("plan",
                     "compile the train step for a mesh and report per-device memory",
                     flags=(MESH_FLAG, JSON_FLAG,
                            ("--batch", dict(type=int, default=None, help="global batch size")),
@@ -69,7 +73,7 @@ COMMANDS = {
                                           help="MFU assumed for the step time (default 0.4)")),
                            ("--seq_len", dict(type=int, default=None,
                                               help="sequence length (default max_len)")))),
-    "vocab": Command("tasks.vocabularies:vocab_command",
+    "vocab": Command("vocab",
                      "train a SentencePiece vocabulary on a task's train split", needs_gin=False,
                      flags=(("--task", dict(required=True, help="registered task name")),
                             ("--size", dict(type=int, required=True, help="vocabulary size")),
@@ -84,16 +88,29 @@ class _Parser(argparse.ArgumentParser):
   """argparse that reports a bad flag as one line and exit code 2."""
 
   def error(self, message):
-    fail(f"{self.prog}: {message}")
+    raise UsageError(f"{self.prog}: {message}")
 
 
-def fail(message):
-  print(f"paxgpt: error: {message}", file=sys.stderr)
-  sys.exit(2)
+# gin appends where a configurable was called to errors raised inside it.
+_GIN_SUFFIX = re.compile(r"\s*In call to configurable .*$", re.S)
 
 
 def one_line(text):
-  return re.sub(r"\s+", " ", str(text)).strip()
+  return re.sub(r"\s+", " ", _GIN_SUFFIX.sub("", str(text))).strip()
+
+
+def input_errors():
+  """The exception types that mean "the user's input is wrong": exit 2, one
+  line. The data side's types are included where it is installed."""
+  errors = [UsageError]
+  try:
+    from paxgpt import data
+    import tasks
+    errors += [data.DataError, tasks.VocabularyError, tasks.UnknownTaskError,
+               tasks.TextFilesError]
+  except ImportError:  # a JAX-only box
+    pass
+  return tuple(errors)
 
 
 def split_gin_flags(argv):
@@ -108,7 +125,7 @@ def split_gin_flags(argv):
     elif arg.startswith("--gin."):
       binding = arg[len("--gin."):]
       if "=" not in binding:
-        fail(f"{arg}: expected --gin.NAME=VALUE")
+        raise UsageError(f"{arg}: expected --gin.NAME=VALUE")
       bindings.append(binding)
     else:
       rest.append(arg)
@@ -131,21 +148,25 @@ def parse_gin(files, bindings):
     raise UsageError(f"gin: {one_line(e)}") from e
 
 
-def load(target):
-  module_name, function = target.split(":")
-  return getattr(importlib.import_module(module_name), function)
-
-
 def main(argv=None):
+  """Run one command; returns its exit code (2 for bad input, reported as one
+  line on stderr)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__.strip())
     for name, cmd in COMMANDS.items():
       print(f"  {name:8s} {cmd.help}")
     return 0
-  name, argv = argv[0], argv[1:]
+  try:
+    return _run(argv[0], argv[1:])
+  except input_errors() as e:
+    print(f"paxgpt: error: {one_line(e)}", file=sys.stderr)
+    return 2
+
+
+def _run(name, argv):
   if name not in COMMANDS:
-    fail(f"unknown command {name!r}; expected one of {', '.join(COMMANDS)}")
+    raise UsageError(f"unknown command {name!r}; expected one of {', '.join(COMMANDS)}")
   cmd = COMMANDS[name]
   files, bindings, rest = split_gin_flags(argv)
   parser = _Parser(prog=f"paxgpt {name}", description=cmd.help)
@@ -155,20 +176,25 @@ def main(argv=None):
     for flag, kwargs in distributed.FLAGS:
       parser.add_argument(flag, **kwargs)
   args = parser.parse_args(rest)
-  try:
-    function = load(cmd.target)  # registers the command's gin configurables
-    if cmd.needs_gin:
-      if not files:
-        raise UsageError(f"paxgpt {name} needs at least one --gin_file")
-      parse_gin(files, bindings)
-    elif files or bindings:
-      raise UsageError(f"paxgpt {name} takes no gin flags")
-    if name in MULTI_PROCESS_COMMANDS:  # join a multi-host run before any device is used
-      distributed.initialize_from_args(args)
-    result = function(args)
-  except UsageError as e:
-    fail(one_line(e))
-  return int(result or 0)
+  function = getattr(importlib.import_module("paxgpt.cli.commands"), cmd.function)
+  if cmd.needs_gin:
+    _register_configurables()
+    if not files:
+      raise UsageError(f"paxgpt {name} needs at least one --gin_file")
+    parse_gin(files, bindings)
+  elif files or bindings:
+    raise UsageError(f"paxgpt {name} takes no gin flags")
+  if name in MULTI_PROCESS_COMMANDS:  # join a multi-host run before any device is used
+    distributed.initialize_from_args(args)
+  return int(function(args) or 0)
+
+
+def _register_configurables():
+  """Every gin configurable that gin files may bind, so an experiment file
+  parses the same under every command."""
+  for module in ("paxgpt.model", "paxgpt.optim", "paxgpt.checkpoint", "paxgpt.sharding",
+                 "paxgpt.data", "paxgpt.trainer", "paxgpt.sampling_cli"):
+    importlib.import_module(module)
 
 
 def entry_point():

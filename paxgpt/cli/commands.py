@@ -1,0 +1,76 @@
+"""One function per `paxgpt` command: `(args) -> exit code`.
+
+Each builds what the command needs from gin and its flags, calls the library,
+and prints the result. Errors are not handled here: library code raises
+(UsageError and the other input errors of paxgpt/cli/main.py), and main.py
+turns them into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+
+
+def _is_chief():
+  import jax
+  return jax.process_index() == 0
+
+
+def train(args):
+  """`paxgpt train`: exit 0 when done (or stopped by SIGTERM after saving), 1
+  when the loss became NaN/Inf."""
+  from paxgpt import sharding, trainer
+  try:
+    summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh))
+  except trainer.NonFiniteLossError as e:
+    print(f"paxgpt: error: {e}", flush=True)
+    return 1
+  if _is_chief():
+    print(json.dumps(summary), flush=True)
+  return 0
+
+
+def evaluate(args):
+  """`paxgpt eval`: prints one JSON object (step, validation loss, perplexity)."""
+  from paxgpt import sharding, trainer
+  result = trainer.evaluate(mesh=sharding.mesh_from_flag(args.mesh), step=args.step)
+  if _is_chief():
+    print(json.dumps(result), flush=True)
+  return 0
+
+
+def sample(args):
+  """`paxgpt sample`: completions for a JSONL file of prompts (paxgpt/sampling_cli.py)."""
+  from paxgpt import sampling_cli, sharding
+  return sampling_cli.sample_file(args.prompts, args.output, step=args.step,
+                                  mesh=sharding.mesh_from_flag(args.mesh))
+
+
+def info(args):
+  """`paxgpt info`: a model's size, FLOPs and per-device bytes, without weights."""
+  from paxgpt import info as info_lib
+  from paxgpt import model
+  config = model.GPTConfig()
+  axis_sizes = info_lib.mesh_axis_sizes(args.mesh)
+  info_lib.check_model_on_mesh(config, axis_sizes)
+  report = info_lib.describe(config, axis_sizes, args.seq_len)
+  print(json.dumps(report) if args.json else info_lib.format_report(config, report))
+  return 0
+
+
+def plan(args):
+  """`paxgpt plan`: compile the train step for a mesh; per-device memory."""
+  from paxgpt import plan as plan_lib
+  report = plan_lib.plan(mesh_flag=args.mesh, batch=args.batch, chip=args.chip,
+                         topology=args.topology, remat=args.remat, mfu=args.mfu,
+                         seq_len=args.seq_len)
+  print(json.dumps(report) if args.json else plan_lib.format_report(report))
+  return 0
+
+
+def vocab(args):
+  """`paxgpt vocab`: train a SentencePiece vocabulary on a task's train split."""
+  from tasks import spm_training
+  path = spm_training.train_sentencepiece(args.task, args.size, args.output)
+  print(path)
+  print(f"use it with: DataConfig.vocabulary = 'spm:{path}'")
+  return 0

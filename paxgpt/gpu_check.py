@@ -1,0 +1,657 @@
+"""The GPU figures in one prepared run: `python -m paxgpt.gpu_check [--smoke] [--json PATH]`.
+
+  python -m paxgpt.gpu_check [--smoke] [--json PATH] [--budget_s S]
+      [--sections kernels,attention,train,decode]
+
+(`bash launch/gpu_check.sh` sets up a bare GPU box and calls this.) A driver,
+not a fourth copy of the benchmarks: each section calls the code that owns
+its figure.
+
+  kernels    Triton forward and backward against the float32 reference, dense
+             and banded, bf16 and f32, head dims 64/80/128, with and without
+             segment ids (kernels.bench.check_against_reference).
+  attention  dense causal and banded (W = 256) at 2k/4k/8k/16k tokens per
+             sequence, head dims 64 and 128, bf16: forward and forward+backward
+             TFLOP/s inside the mask for Pallas GPU, cuDNN and XLA (the pure-JAX
+             reference), with ratios to cuDNN from the same run
+             (kernels.bench.measure).
+  train      the real train step (paxgpt.train_step.make_train_step, GPT-3
+             optimizer) for gpt3_small/medium/xl at seq 2048 on synthetic
+             batches, per attention backend and remat policy, at the largest
+             power-of-two batch that fits: tokens/s, MFU against the chip's
+             bf16 peak (accounting.CHIPS), the compiled step's memory.
+  decode     the sampler's prefill + decode loop (paxgpt.bench_decode.measure)
+             for gpt3_small and gpt3_xl at batch 1/32/128, 128 new tokens after
+             a 512-token prompt: tokens/s and the percentage of the HBM roofline
+             (weights + KV cache bytes read per step / chip bandwidth).
+
+It prints one Markdown table (a row as each figure is measured) and writes the
+same rows as JSON ({"meta": ..., "rows": [...]}) to --json.
+
+Invariants:
+  - Every planned row appears, measured or not: a row that fails (OOM, a shape
+    cuDNN refuses) records the error in its `note` with status "error"; a row
+    whose section ran out of time has status "skipped"; the run goes on.
+  - The JSON file is rewritten after every row, so a slot cut short still
+    leaves every figure measured so far.
+  - Time: the sections share --budget_s (default 400 s, counted from main()'s
+    start) with deadlines at 8% / 33% / 75% / 100% of it; a section that
+    finishes early leaves its time to the next ones. A row starts only while
+    its section has time left, so one row (a large compile) can overrun by its
+    own length.
+  - --smoke (and any run without a GPU) runs the same code paths with tiny
+    shapes, the Pallas GPU kernels in interpret mode, in well under a minute;
+    tests/test_gpu_check.py runs it, so the check cannot rot between slots.
+
+Model shapes come from gin/models/*.gin, read without gin (`model_config`:
+only their `GPTConfig.field = literal` lines and `include`s), so the files
+stay the one source of truth.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import gc
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from kernels import bench as kernel_bench
+from paxgpt import accounting, model, optim, sampling, sharding, train_step
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("kernels", "attention", "train", "decode")
+# Cumulative share of the budget at which each section's time ends.
+DEADLINES = {"kernels": 0.08, "attention": 0.33, "train": 0.75, "decode": 1.0}
+LABELS = {"gpu": "pallas-gpu", "cudnn": "cudnn", "reference": "xla", "tpu": "pallas-tpu"}
+# Tolerances of tests/test_kernels_gpu.py: compiled on a GPU, and interpret mode.
+TOLERANCE = {True: {"float32": 1e-4, "bfloat16": 3e-2},
+             False: {"float32": 2e-5, "bfloat16": 2e-2}}
+# The compiled train step may plan up to this share of the device's memory.
+MEMORY_FILL = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Every shape the run measures; FULL on a GPU, SMOKE on CPU or with --smoke."""
+  name: str
+  # (dtype, seq_len, head_dim, window, segments, block options)
+  kernel_cases: tuple
+  attention: dict  # kernels.bench sizes: tokens, seqs, head_dims, width, window; runs
+  train_seq: int
+  # (model, attention backend, remat policy) in priority order: rows past the
+  # section's time are skipped, so the figures that matter most come first.
+  train_rows: tuple
+  train_first_batch: dict  # {model: {remat: rows}}: the batch search's first compile
+  train_max_batch: int
+  train_steps: int
+  decode_models: tuple
+  decode_batches: tuple
+  prompt_len: int
+  new_tokens: int
+  decode_repeats: int
+  budget_s: float
+
+
+FULL = Plan(
+    name="full",
+    kernel_cases=(
+        ("float32", 512, 64, None, False, {}),
+        ("float32", 512, 80, 192, True, {}),
+        ("float32", 512, 128, 320, False, {}),
+        ("float32", 512, 80, None, True, {}),
+        ("bfloat16", 512, 64, 192, True, {}),
+        ("bfloat16", 512, 128, None, True, {}),
+        ("bfloat16", 512, 80, 160, False, {}),
+        ("bfloat16", 512, 128, 256, True, dict(block_q=64, block_k=32)),
+    ),
+    attention=dict(kernel_bench.FULL, runs=5),
+    train_seq=2048,
+    # By priority, grouped by model where that costs nothing (a new model
+    # initialises a new state): cuDNN before Pallas of the same model so the
+    # Pallas row carries its ratio.
+    train_rows=(
+        ("gpt3_small", "cudnn", "none"), ("gpt3_small", "gpu", "none"),
+        ("gpt3_small", "reference", "none"),
+        ("gpt3_xl", "cudnn", "none"), ("gpt3_xl", "gpu", "none"),
+        ("gpt3_xl", "gpu", "dots_saveable"),
+        ("gpt3_medium", "gpu", "none"),
+        ("gpt3_xl", "gpu", "full"), ("gpt3_xl", "reference", "none"),
+        ("gpt3_small", "gpu", "dots_saveable"), ("gpt3_small", "gpu", "full"),
+        ("gpt3_medium", "cudnn", "none"), ("gpt3_medium", "reference", "none"),
+        ("gpt3_medium", "gpu", "dots_saveable"), ("gpt3_medium", "gpu", "full"),
+    ),
+    # Guesses near the fit on an H200 (the search corrects them from the plan).
+    train_first_batch={"gpt3_small": {"none": 32, "dots_saveable": 32, "full": 64},
+                       "gpt3_medium": {"none": 16, "dots_saveable": 16, "full": 64},
+                       "gpt3_xl": {"none": 4, "dots_saveable": 8, "full": 32}},
+    train_max_batch=64,
+    train_steps=3,
+    decode_models=("gpt3_small", "gpt3_xl"),
+    decode_batches=(1, 32, 128),
+    prompt_len=512,
+    new_tokens=128,
+    decode_repeats=1,
+    budget_s=400.0,
+)
+
+SMOKE = Plan(
+    name="smoke",
+    kernel_cases=(
+        ("float32", 48, 80, 20, True, dict(block_q=16, block_k=16)),
+        ("bfloat16", 32, 64, None, False, dict(block_q=16, block_k=16)),
+    ),
+    attention=dict(tokens=128, seqs=(64,), head_dims=(32,), width=64, window=16, runs=1),
+    train_seq=32,
+    train_rows=(("gpt3_tiny", "cudnn", "none"), ("gpt3_tiny", "gpu", "none"),
+                ("gpt3_tiny", "reference", "full")),
+    train_first_batch={"gpt3_tiny": {"none": 4, "dots_saveable": 4, "full": 4}},
+    train_max_batch=4,
+    train_steps=1,
+    decode_models=("gpt3_tiny",),
+    decode_batches=(2,),
+    prompt_len=8,
+    new_tokens=4,
+    decode_repeats=1,
+    budget_s=600.0,
+)
+
+_GIN_BINDING = re.compile(r"^GPTConfig\.(\w+)\s*=\s*(.+?)\s*(#.*)?$")
+_GIN_INCLUDE = re.compile(r"""^include\s+(['"])(.+)\1\s*(#.*)?$""")
+
+
+def _gin_fields(path, fields):
+  """Add the `GPTConfig.field = literal` bindings of a gin file to `fields`, in
+  order, following its `include 'file'` lines (relative to the repository) at
+  their place, so that later bindings win as in gin."""
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      line = line.strip()
+      included = _GIN_INCLUDE.match(line)
+      if included:
+        _gin_fields(os.path.join(REPO_ROOT, included.group(2)), fields)
+      elif line.startswith("GPTConfig."):
+        found = _GIN_BINDING.match(line)
+        try:
+          fields[found.group(1)] = ast.literal_eval(found.group(2))
+        except (AttributeError, ValueError, SyntaxError) as err:
+          raise ValueError(f"{path}:{number}: not a `GPTConfig.field = literal` line: "
+                           f"{line!r}") from err
+  return fields
+
+
+def model_config(name, **overrides):
+  """GPTConfig of gin/models/NAME.gin from its `GPTConfig.field = literal` lines
+  and those of the files it includes (no gin needed; a GPTConfig line that is
+  not a Python literal is an error)."""
+  fields = _gin_fields(os.path.join(REPO_ROOT, "gin", "models", f"{name}.gin"), {})
+  return model.GPTConfig(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+class Clock:
+  """The run's start and the sections' deadlines, in seconds since it."""
+
+  def __init__(self, budget_s):
+    self.budget_s = budget_s
+    self.start = time.monotonic()
+
+  def elapsed(self):
+    return time.monotonic() - self.start
+
+  def left(self, section):
+    return self.budget_s * DEADLINES[section] - self.elapsed()
+
+
+def _one_line(err):
+  text = str(err).strip()
+  lines = [line for line in text.splitlines() if line.strip()]
+  return f"{type(err).__name__}: {(lines or [''])[0][:160]}"
+
+
+def _json_safe(x):
+  """NaN and infinities become None (JSON has no spelling for them)."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  return x
+
+
+class Report:
+  """The rows: printed as Markdown table lines as they come, and the whole
+  list rewritten to the JSON path after each."""
+
+  COLUMNS = ("section", "case", "backend", "batch", "result", "vs cuDNN (f / f+b)", "status")
+
+  def __init__(self, path, meta, clock, out=None):
+    self.path, self.meta, self.clock, self.rows = path, meta, clock, []
+    self.out = out or sys.stdout
+    self.out.write("| " + " | ".join(self.COLUMNS) + " |\n")
+    self.out.write("|" + "|".join(" --- " for _ in self.COLUMNS) + "|\n")
+    self.out.flush()
+
+  def add(self, row):
+    row = _json_safe(row)
+    self.rows.append(row)
+    cells = (row["section"], row["case"], LABELS.get(row["backend"], row["backend"]),
+             row.get("batch", "-"), _result(row), _versus(row), _status(row))
+    self.out.write("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |\n")
+    self.out.flush()
+    self.write()
+
+  def write(self):
+    if not self.path:
+      return
+    meta = dict(self.meta, wall_s=round(self.clock.elapsed(), 1))
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"meta": meta, "rows": self.rows}, f, indent=1)
+    os.replace(tmp, self.path)
+
+
+def _fmt(x, spec):
+  return "-" if x is None else format(x, spec)
+
+
+def _result(row):
+  if row["status"] in ("error", "skipped"):
+    return row.get("note", "")
+  section = row["section"]
+  if section == "kernels":
+    worst = "non-finite" if row["max_error"] is None else f"{row['max_error']:.1e}"
+    return f"max err {worst} (tol {row['tolerance']:.0e})"
+  if section == "attention":
+    return (f"fwd {_fmt(row['fwd_ms'], '.3g')} ms {_fmt(row['fwd_tflops'], '.3g')} TF/s; "
+            f"f+b {_fmt(row['fwd_bwd_ms'], '.3g')} ms {_fmt(row['fwd_bwd_tflops'], '.3g')} TF/s")
+  if section == "train":
+    mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+    return (f"{row['tokens_per_s']:,.0f} tok/s, {row['step_ms']:.0f} ms/step, MFU {mfu}, "
+            f"{_fmt(row['memory_gib'], '.3g')} GiB")
+  roofline = "-" if row["roofline_fraction"] is None else f"{100 * row['roofline_fraction']:.0f}%"
+  return (f"{row['tokens_per_s']:,.0f} tok/s, {row['ms_per_step']:.2f} ms/step, "
+          f"{roofline} of HBM roofline")
+
+
+def _versus(row):
+  if row["status"] != "ok":
+    return "-"
+  fwd, both = row.get("vs_cudnn_fwd"), row.get("vs_cudnn_fwd_bwd", row.get("vs_cudnn"))
+  if fwd is None and both is None:
+    return "-"
+  return " / ".join(f"{r:.2f}x" for r in (fwd, both) if r is not None)
+
+
+def _status(row):
+  return {"ok": "ok", "pass": "pass", "FAIL": "**FAIL**", "error": "error",
+          "skipped": "skipped"}[row["status"]]
+
+
+def _skip(report, row, why):
+  report.add(dict(row, status="skipped", note=why))
+
+
+def _on_gpu():
+  return jax.default_backend() == "gpu"
+
+
+# ---------------------------------------------------------------- sections
+
+def run_kernels(plan, report, clock):
+  interpret = not _on_gpu()
+  backend = "gpu"
+  for dtype, seq_len, head_dim, window, segments, blocks in plan.kernel_cases:
+    mask = "dense" if window is None else f"band{window}"
+    row = dict(section="kernels", backend=backend, batch=2, dtype=dtype, seq_len=seq_len,
+               head_dim=head_dim, window=window, segments=segments, blocks=blocks,
+               case=f"{dtype} T{seq_len} D{head_dim} {mask}" + (" seg" if segments else "")
+               + (" " + ",".join(f"{k}={v}" for k, v in blocks.items()) if blocks else ""))
+    if clock.left("kernels") <= 0:
+      _skip(report, row, "skipped: over the section's time")
+      continue
+    tolerance = TOLERANCE[not interpret][dtype]
+    try:
+      errors = kernel_bench.check_against_reference(
+          backend, (2, seq_len, 2, head_dim), jnp.dtype(dtype), window, segments,
+          interpret=interpret, **blocks)
+    except Exception as err:  # one case that cannot compile: say so, check the rest
+      report.add(dict(row, status="error", note=_one_line(err)))
+      continue
+    worst = max(errors.values())
+    report.add(dict(row, status="pass" if worst <= tolerance else "FAIL", errors=errors,
+                    max_error=worst, tolerance=tolerance))
+
+
+def run_attention(plan, report, clock):
+  sizes = plan.attention
+  interpret = not _on_gpu()
+  platform = jax.default_backend()
+  present = kernel_bench.available_backends(platform, interpret)
+  backends = ("gpu", "cudnn", "reference")
+  memory_limit = kernel_bench.memory_limit_bytes()
+  for seq_len in sizes["seqs"]:
+    for head_dim in sizes["head_dims"]:
+      batch, heads = sizes["tokens"] // seq_len, sizes["width"] // head_dim
+      shape = (batch, seq_len, heads, head_dim)
+      for window in (None, sizes["window"]):
+        mask = "dense" if window is None else f"band{window}"
+        base = dict(section="attention", case=f"T{seq_len} D{head_dim} H{heads} {mask}",
+                    batch=batch, seq_len=seq_len, head_dim=head_dim, heads=heads,
+                    window=window, dtype="bfloat16")
+        results = {}
+        for backend in backends:
+          if backend not in present:
+            results[backend] = {"skip": f"skipped: {backend} does not run on {platform}"}
+          elif clock.left("attention") <= 0:
+            results[backend] = {"skip": "skipped: over the section's time"}
+          else:
+            results[backend] = kernel_bench.measure(backend, shape, window, sizes["runs"],
+                                                    interpret, memory_limit, {})
+        flops = kernel_bench.attention_flops(batch, heads, head_dim, seq_len, window)
+        cudnn = results.get("cudnn", {})
+        for backend in backends:
+          res, row = results[backend], dict(base, backend=backend)
+          if "skip" in res:
+            _skip(report, row, res["skip"])
+          elif "note" in res:
+            status = "skipped" if res["note"].startswith("skipped") else "error"
+            report.add(dict(row, status=status, note=res["note"]))
+          else:
+            row.update(status="ok", fwd_ms=res["fwd"], fwd_bwd_ms=res["fwd+bwd"],
+                       fwd_tflops=flops[0] / res["fwd"] / 1e9,
+                       fwd_bwd_tflops=flops[1] / res["fwd+bwd"] / 1e9,
+                       vs_cudnn_fwd=cudnn["fwd"] / res["fwd"] if "fwd" in cudnn else None,
+                       vs_cudnn_fwd_bwd=(cudnn["fwd+bwd"] / res["fwd+bwd"]
+                                         if "fwd+bwd" in cudnn else None))
+            report.add(row)
+        results.clear()  # drop the forward outputs before the next shape
+
+
+def _memory(compiled):
+  """(fixed bytes, temporary bytes) the compiled step plans per device (the
+  donated state is updated in place, so arguments + outputs - aliased), or
+  None where the backend gives no memory analysis."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  fixed = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           - stats.alias_size_in_bytes)
+  return int(fixed), int(stats.temp_size_in_bytes)
+
+
+def _largest_batch(fixed, temp, batch, max_batch, limit):
+  """The largest power of two <= max_batch whose planned memory fits, taking
+  the temporaries as proportional to the batch (at least 1)."""
+  per_row = temp / batch
+  best = 1
+  while best * 2 <= max_batch and fixed + per_row * best * 2 <= MEMORY_FILL * limit:
+    best *= 2
+  return best
+
+
+def _synthetic_batch(batch, seq_len, vocab_size, partitioner, seed=0):
+  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq_len + 1))
+  host = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+          "decoder_loss_weights": np.ones((batch, seq_len)),
+          "decoder_segment_ids": np.ones((batch, seq_len)),
+          "decoder_positions": np.broadcast_to(np.arange(seq_len), (batch, seq_len))}
+  where = partitioner.sharding(train_step.BATCH_NAMES)
+  return {k: jax.device_put(np.asarray(v, np.int32), where) for k, v in host.items()}
+
+
+class _Trainer:
+  """Compiles the train step for one (config, batch) and keeps one state per
+  model alive across rows (parameter values do not change a step's speed)."""
+
+  def __init__(self, partitioner):
+    self.partitioner = partitioner
+    self.optimizer, self.schedule = optim.make_optimizer(optim.OptimizerConfig(), 1000)
+    self.state, self.state_of = None, None
+
+  def compile(self, config, batch, seq_len):
+    """(the state's shardings, the compiled step)."""
+    abstract = train_step.abstract_train_state(config, self.optimizer)
+    step = train_step.make_train_step(config, self.optimizer, self.partitioner,
+                                      schedule=self.schedule, abstract_state=abstract)
+    args = (self.partitioner.abstract(abstract),
+            train_step.abstract_batch(batch, seq_len, self.partitioner))
+    return self.partitioner.tree_shardings(abstract), step.lower(*args).compile()
+
+  def state_for(self, name, config, shardings):
+    if self.state_of != name:
+      self.state = self.state_of = None
+      gc.collect()
+      gpt = model.GPT(config)
+      tokens = jnp.zeros((1, min(8, config.max_len)), jnp.int32)
+      init = jax.jit(lambda key: nn.unbox(gpt.init(key, tokens))["params"],
+                     out_shardings=shardings.params)
+      with self.partitioner.activate():
+        params = init(jax.random.key(0))
+      opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
+      step_count = jax.device_put(jnp.int32(0), shardings.step)
+      self.state = train_step.TrainState(params=params, opt_state=opt_state, step=step_count)
+      self.state_of = name
+    return self.state
+
+  def time_steps(self, compiled, batch, steps):
+    """Seconds per step after one untimed step; the final loss."""
+    state, metrics = compiled(self.state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    self.state = state
+    return (time.perf_counter() - start) / steps, float(metrics["loss"])
+
+
+def _is_oom(err):
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def run_train(plan, report, clock):
+  interpret = not _on_gpu()
+  present = kernel_bench.available_backends(jax.default_backend(), interpret)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  trainer = _Trainer(sharding.Partitioner(mesh))
+  limit = kernel_bench.memory_limit_bytes()
+  chip = accounting.chip_of(jax.devices()[0])
+  seq_len = plan.train_seq
+  fitted = {}  # (model, remat) -> batch found by an earlier row: the next row's first try
+  speeds = {}  # (model, remat, backend) -> tokens/s, for the ratio to cuDNN
+  for name, backend, remat in plan.train_rows:
+    row = dict(section="train", case=f"{name} T{seq_len} remat {remat}", backend=backend,
+               model=name, remat=remat, seq_len=seq_len)
+    if backend not in present:
+      _skip(report, row, f"skipped: {backend} does not run on {jax.default_backend()}")
+      continue
+    if clock.left("train") <= 0:
+      _skip(report, row, "skipped: over the section's time")
+      continue
+    config = model_config(name, attention_backend=backend,
+                          remat_policy=remat, attention_interpret=interpret and backend == "gpu")
+    try:
+      result = _train_row(trainer, name, config, seq_len, plan, limit, fitted.get(
+          (name, remat), plan.train_first_batch[name][remat]), clock)
+    except Exception as err:  # OOM at batch 1, a backend that cannot train: record, go on
+      report.add(dict(row, status="error", note=_one_line(err)))
+      continue
+    fitted[(name, remat)] = result["batch"]
+    _, non_embedding = accounting.param_counts(model.abstract_variables(config))
+    flops_per_token = accounting.flops_per_token(config, non_embedding, seq_len)
+    tokens_per_s = result["batch"] * seq_len / result["step_s"]
+    speeds[(name, remat, backend)] = tokens_per_s
+    cudnn = speeds.get((name, remat, "cudnn"))
+    stats = jax.devices()[0].memory_stats() or {}
+    report.add(dict(row, status="ok", batch=result["batch"], step_ms=1e3 * result["step_s"],
+                    tokens_per_s=tokens_per_s, loss=result["loss"],
+                    model_tflops=tokens_per_s * flops_per_token / 1e12,
+                    mfu=accounting.mfu(tokens_per_s, flops_per_token, chip, 1),
+                    memory_gib=None if result["memory"] is None else result["memory"] / 2**30,
+                    process_peak_gib=(stats["peak_bytes_in_use"] / 2**30
+                                      if "peak_bytes_in_use" in stats else None),
+                    vs_cudnn=None if cudnn is None or backend == "cudnn"
+                    else tokens_per_s / cudnn,
+                    tries=result["tries"]))
+  trainer.state = None
+
+
+def _train_row(trainer, name, config, seq_len, plan, limit, first_batch, clock):
+  """Compile at `first_batch`, move once to the largest batch the compiler's
+  memory plan says fits, run. A plan over the device's memory, or an
+  out-of-memory error (compiling or running), halves the batch and tries again
+  while the section has time."""
+  batch, tries, searched = min(first_batch, plan.train_max_batch), [], False
+  while True:
+    tries.append(batch)
+    running = False
+    try:
+      shardings, compiled = trainer.compile(config, batch, seq_len)
+      memory = _memory(compiled)
+      if memory is not None and not searched:
+        searched = True
+        best = _largest_batch(*memory, batch, plan.train_max_batch, limit)
+        if best != batch:
+          batch, compiled = best, None
+          continue
+      if memory is not None and sum(memory) > limit and batch > 1:
+        batch, compiled = batch // 2, None
+        continue
+      running = True
+      trainer.state_for(name, config, shardings)
+      step_s, loss = trainer.time_steps(
+          compiled, _synthetic_batch(batch, seq_len, config.vocab_size, trainer.partitioner),
+          plan.train_steps)
+      return dict(batch=batch, step_s=step_s, loss=loss, tries=tries,
+                  memory=None if memory is None else sum(memory))
+    except Exception as err:
+      if running:  # a donated state is gone after a failed step: start afresh
+        trainer.state = trainer.state_of = None
+      if not _is_oom(err) or batch == 1 or clock.left("train") <= 0:
+        raise
+      searched, batch, compiled = True, batch // 2, None
+
+
+def _kv_bytes_per_step(config, batch, cache_length):
+  """Bytes of keys and values one decode step reads: each layer attends over
+  its whole cache buffer (dense: cache_length slots, banded: min(W, that))."""
+  itemsize = jnp.dtype(config.dtype).itemsize
+  total = 0
+  for kind in config.attention_pattern:
+    window = config.layer_window(kind)
+    slots = cache_length if window is None else min(window, cache_length)
+    total += config.num_periods * 2 * batch * slots * config.num_heads * config.head_dim
+  return total * itemsize
+
+
+def run_decode(plan, report, clock):
+  chip = accounting.CHIPS.get(accounting.chip_of(jax.devices()[0]), {})
+  bandwidth = chip.get("hbm_bandwidth")
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  partitioner = sharding.Partitioner(mesh)
+  decoders = {}
+  steps = plan.new_tokens - 1  # the prefill chooses the first new token
+  for batch in plan.decode_batches:
+    for name in plan.decode_models:
+      config = model_config(name)
+      backend = config.attention_backend or kernels.default_backend()
+      row = dict(section="decode", case=f"{name} prompt {plan.prompt_len} +{plan.new_tokens}",
+                 backend=backend, batch=batch, model=name, prompt_len=plan.prompt_len,
+                 new_tokens=plan.new_tokens)
+      if clock.left("decode") <= 0:
+        _skip(report, row, "skipped: over the section's time")
+        continue
+      try:
+        # Imported here: a break in the decode bench costs this section's rows only.
+        from paxgpt import bench_decode
+        if name not in decoders:
+          params = sampling.init_params(config, partitioner)
+          decoders[name] = sampling.Decoder(config, params, partitioner, eos_id=None)
+        decoder = decoders[name]
+        prefill_s, decode_s = bench_decode.measure(decoder, batch, plan.prompt_len,
+                                                   plan.new_tokens, config.vocab_size,
+                                                   repeats=plan.decode_repeats)
+      except Exception as err:  # OOM or a shape the kernels refuse: record, go on
+        report.add(dict(row, status="error", note=_one_line(err)))
+        continue
+      weight_bytes = sum(x.nbytes for x in jax.tree.leaves(decoder.params))
+      kv_bytes = _kv_bytes_per_step(config, batch, plan.prompt_len + plan.new_tokens)
+      step_s = decode_s / steps
+      roofline_s = None if bandwidth is None else (weight_bytes + kv_bytes) / bandwidth
+      report.add(dict(row, status="ok", tokens_per_s=batch * steps / decode_s,
+                      ms_per_step=1e3 * step_s, prefill_ms=1e3 * prefill_s,
+                      weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes,
+                      roofline_ms=None if roofline_s is None else 1e3 * roofline_s,
+                      roofline_fraction=None if roofline_s is None else roofline_s / step_s))
+
+
+RUNNERS = {"kernels": run_kernels, "attention": run_attention, "train": run_train,
+           "decode": run_decode}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny shapes, kernels in interpret mode (always so without a GPU)")
+  parser.add_argument("--json", default=None, help="write the rows as JSON to this path")
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="seconds from start-up that the sections share (default: the plan's)")
+  parser.add_argument("--sections", default=",".join(SECTIONS),
+                      help=f"comma-separated subset of {','.join(SECTIONS)}")
+  args = parser.parse_args(argv)
+  sections = [s for s in args.sections.split(",") if s]
+  unknown = [s for s in sections if s not in SECTIONS]
+  if unknown:
+    parser.error(f"--sections: unknown {unknown}; choose from {SECTIONS}")
+  plan = FULL if _on_gpu() and not args.smoke else SMOKE
+  clock = Clock(plan.budget_s if args.budget_s is None else args.budget_s)
+  device = jax.devices()[0]
+  chip = accounting.chip_of(device)
+  meta = dict(plan=plan.name, platform=jax.default_backend(), device_kind=device.device_kind,
+              chip=chip, chip_figures=accounting.CHIPS.get(chip), jax=jax.__version__,
+              budget_s=clock.budget_s, sections=sections)
+  print(f"# paxgpt GPU check ({plan.name} shapes): jax {jax.__version__}, "
+        f"{device.device_kind} ({jax.default_backend()}), chip {chip or 'unknown'}, "
+        f"budget {clock.budget_s:.0f} s" + ("" if _on_gpu() else ", Pallas GPU in interpret mode"))
+  print()
+  report = Report(args.json, meta, clock)
+  section_s = report.meta["section_s"] = {}
+  for section in sections:
+    start = clock.elapsed()
+    try:
+      RUNNERS[section](plan, report, clock)
+    except Exception as err:  # outside any row (e.g. the mesh): record it, run the rest
+      report.add(dict(section=section, case="(the section)", backend="-", status="error",
+                      note=_one_line(err)))
+    section_s[section] = round(clock.elapsed() - start, 1)
+    gc.collect()
+  report.write()
+  counts = {s: sum(r["status"] == s for r in report.rows)
+            for s in ("ok", "pass", "FAIL", "error", "skipped")}
+  print()
+  print(f"# {len(report.rows)} rows: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+        + f"; {clock.elapsed():.0f} s in all ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in section_s.items()) + ")"
+        + (f"; JSON: {args.json}" if args.json else ""))
+  print("# kernels: error = max|got - want| / (max(1, max|want|) + |want|) over out, dq, dk, "
+        "dv; attention TF/s counts visible pairs (4*B*H*D*pairs fwd, 2.5x for bwd); "
+        "vs cuDNN = cuDNN time / this time; train memory = the compiled step's plan "
+        "(arguments + outputs - donated + temporaries); decode roofline = (weights + KV "
+        "cache bytes per step) / HBM bandwidth / measured step time")
+  return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
