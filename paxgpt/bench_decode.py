@@ -56,7 +56,15 @@ def random_prompts(batch, prompt_len, vocab_size, seed=0):
   return rng.integers(3, vocab_size, size=(batch, prompt_len)).astype(np.int32)
 
 
-def measure(decoder, prompts, new_tokens, repeats=3):
+def measure(decoder, batch, prompt_len, new_tokens, vocab_size, repeats=2, seed=0):
+  """(prefill s, decode s) of greedy decoding for a batch of random prompts, best
+  of `repeats` after a compiling call (what paxgpt/gpu_check.py times)."""
+  prompts = random_prompts(batch, prompt_len, vocab_size, seed)
+  _, prefill_s, decode_s, _ = time_batch(decoder, prompts, new_tokens, repeats)
+  return prefill_s, decode_s
+
+
+def time_batch(decoder, prompts, new_tokens, repeats=3):
   """(first call s, prefill s, decode s, token lists) for one batch: the first
   call compiles, then the best of `repeats`."""
   batch = len(prompts)
@@ -179,7 +187,7 @@ def vs_hf(args, partitioner):
   hf_generate(hf, random_prompts(1, args.prompt_len, config.vocab_size), 2)  # warm up torch
   for batch in args.batch_sizes:
     prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
-    first_s, prefill_s, decode_s, ids = measure(decoder, prompts, args.new_tokens, args.repeats)
+    first_s, prefill_s, decode_s, ids = time_batch(decoder, prompts, args.new_tokens, args.repeats)
     hf_s, hf_ids = hf_generate(hf, prompts, args.new_tokens)
     ours = batch * args.new_tokens / (prefill_s + decode_s)
     theirs = batch * args.new_tokens / hf_s
@@ -235,7 +243,7 @@ def main(argv=None):
   print(f"{'batch':>6} {'1st call s':>10} {'prefill ms':>11} {'ms/step':>9} {'tok/s':>9}")
   for batch in args.batch_sizes:
     prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
-    first_s, prefill_s, decode_s, _ = measure(decoder, prompts, args.new_tokens, args.repeats)
+    first_s, prefill_s, decode_s, _ = time_batch(decoder, prompts, args.new_tokens, args.repeats)
     print(f"{batch:>6} {first_s:>10.1f} {prefill_s * 1e3:>11.2f} "
           f"{decode_s / (args.new_tokens - 1) * 1e3:>9.3f} "
           f"{batch * args.new_tokens / (prefill_s + decode_s):>9.1f}", flush=True)
