@@ -30,7 +30,7 @@ from typing import Any
 import gin
 import jax
 
-from paxgpt import checkpoint, data, model, sampling, sharding
+from paxgpt import checkpoint, data, model_dir, sampling, sharding
 from paxgpt.errors import UsageError
 
 MAX_SEED = 2**31 - 1
@@ -312,10 +312,11 @@ def _output(result):
 # The command.
 
 
-def load_vocabulary(config: SampleConfig, model_vocab_size):
-  """The vocabulary, checked against the model by data's own check."""
-  data_config = dataclasses.replace(data.DataConfig(), vocabulary=config.vocabulary or
-                                    data.DataConfig().vocabulary)
+def load_vocabulary(config: SampleConfig, model_vocab_size, model_vocabulary=None):
+  """SampleConfig.vocabulary, else the one MODEL_DIR carries, else DataConfig's;
+  checked against the model by data's own check."""
+  spec = config.vocabulary or model_vocabulary or data.DataConfig().vocabulary
+  data_config = dataclasses.replace(data.DataConfig(), vocabulary=spec)
   try:
     data.check_model_vocab_size(data_config, model_vocab_size)
     return data.get_vocabulary(data_config)
@@ -337,8 +338,8 @@ def sample_file(prompts, output, step=None, mesh=None):
       lines = f.read().splitlines()
   except OSError as e:
     raise UsageError(f"--prompts={prompts}: {e.strerror}") from e
-  model_config = model.GPTConfig()
-  vocab = load_vocabulary(config, model_config.vocab_size)
+  model_config, model_vocabulary = model_dir.resolve(config.checkpoint_dir)
+  vocab = load_vocabulary(config, model_config.vocab_size, model_vocabulary)
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
   abstract, shardings = sampling.abstract_params(model_config, partitioner)
   params = checkpoint.restore_params(config.checkpoint_dir,
