@@ -75,10 +75,21 @@ class GPTConfig:
   attention_interpret: bool = False
   layer_norm_epsilon: float = 1e-5
   init_std: float = 0.02
+  # Imported models (paxgpt/hf.py) need these to be exact: GPT-Neo does not
+  # scale q.k (attention_scale=1.0; None: 1/sqrt(head_dim)) and has no q/k/v
+  # biases; `masked_ids` are ids with no trained embedding row (the padding id 0
+  # of an imported vocabulary), whose logits are PADDING_LOGIT like the padded rows.
+  attention_scale: float | None = None
+  qkv_bias: bool = True
+  masked_ids: tuple = ()
 
   def __post_init__(self):
     pattern = tuple(self.attention_pattern)
     object.__setattr__(self, "attention_pattern", pattern)
+    object.__setattr__(self, "masked_ids", tuple(int(i) for i in self.masked_ids))
+    if any(not 0 <= i < self.vocab_size for i in self.masked_ids):
+      raise ValueError(f"masked_ids={self.masked_ids} must lie in [0, vocab_size="
+                       f"{self.vocab_size})")
     if self.head_dim is None:
       if self.d_model % self.num_heads:
         raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
@@ -138,10 +149,10 @@ def layer_norm(cfg, name):
                       bias_init=_zeros(("embed",)), name=name)
 
 
-def attend(q, k, v, segment_ids, *, window, backend, interpret):
+def attend(q, k, v, segment_ids, *, window, backend, interpret, scale=None):
   """Causal attention through kernels/, one shard per device for the Pallas backends."""
   call = functools.partial(kernels.attention, causal=True, window=window, backend=backend,
-                           interpret=interpret)
+                           interpret=interpret, sm_scale=scale)
   if backend in ("tpu", "gpu"):
     if segment_ids is None:
       fn = sharding.shard_map_logical(lambda q, k, v: call(q, k, v), (BATCH_LENGTH_HEADS_KV,) * 3,
@@ -170,8 +181,10 @@ class SelfAttention(nn.Module):
     def project(name):
       w = self.param(f"{name}_kernel", _init(cfg.init_std, ("embed", "heads", "kv")),
                      (cfg.d_model,) + heads, cfg.param_dtype)
-      b = self.param(f"{name}_bias", _zeros(("heads", "kv")), heads, cfg.param_dtype)
-      y = jnp.einsum("bld,dhk->blhk", x, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
+      y = jnp.einsum("bld,dhk->blhk", x, w.astype(cfg.dtype))
+      if cfg.qkv_bias:
+        b = self.param(f"{name}_bias", _zeros(("heads", "kv")), heads, cfg.param_dtype)
+        y = y + b.astype(cfg.dtype)
       return _constrain(y, BATCH_LENGTH_HEADS_KV)
 
     q, k, v = project("query"), project("key"), project("value")
@@ -179,8 +192,8 @@ class SelfAttention(nn.Module):
     if self.decode == "step":
       out = self._attend_cache(q, k, v, window, cache_index)
     else:
-      out = attend(q, k, v, segment_ids, window=window,
-                   backend=cfg.attention_backend, interpret=cfg.attention_interpret)
+      out = attend(q, k, v, segment_ids, window=window, backend=cfg.attention_backend,
+                   interpret=cfg.attention_interpret, scale=cfg.attention_scale)
       if self.decode == "prefill":
         self._fill_cache(k, v, window)
     out = _constrain(out, BATCH_LENGTH_HEADS_KV)
@@ -231,14 +244,15 @@ class SelfAttention(nn.Module):
     ok = (position[None, :] <= t) & (position[None, :] >= cache_index.key_start[:, None])
     if window is not None:
       ok &= t - position[None, :] < window
-    return masked_attention(q, cached_k.value, cached_v.value, ok)
+    return masked_attention(q, cached_k.value, cached_v.value, ok, self.config.attention_scale)
 
 
-def masked_attention(q, k, v, visible):
+def masked_attention(q, k, v, visible, scale=None):
   """Softmax attention of q [b, 1, h, d] over k, v [b, s, h, d] where visible
-  [b, s] is True; float32 inside like kernels/reference.py."""
+  [b, s] is True; float32 inside like kernels/reference.py. scale: of q.k
+  (None: 1/sqrt(head_dim))."""
   scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-  scores = scores * q.shape[-1] ** -0.5
+  scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
   scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))
@@ -360,8 +374,11 @@ class GPT(nn.Module):
     logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype))
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     logits = logits.astype(jnp.float32)
-    if cfg.padded_vocab_size > cfg.vocab_size:
-      real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    if cfg.padded_vocab_size > cfg.vocab_size or cfg.masked_ids:
+      ids = jnp.arange(cfg.padded_vocab_size)
+      real = ids < cfg.vocab_size
+      for i in cfg.masked_ids:
+        real &= ids != i
       logits = jnp.where(real, logits, PADDING_LOGIT)
     return logits
 

@@ -31,7 +31,7 @@ import gin
 import jax
 
 import tasks
-from paxgpt import checkpoint, data, model, sampling, sharding
+from paxgpt import checkpoint, data, model_dir, sampling, sharding
 from paxgpt.errors import UsageError
 
 MAX_SEED = 2**31 - 1
@@ -310,8 +310,9 @@ def _output(result):
 # The command.
 
 
-def load_vocabulary(config: SampleConfig):
-  spec = config.vocabulary or data.DataConfig().vocabulary
+def load_vocabulary(config: SampleConfig, model_vocabulary=None):
+  """SampleConfig.vocabulary, else the one MODEL_DIR carries, else DataConfig's."""
+  spec = config.vocabulary or model_vocabulary or data.DataConfig().vocabulary
   try:
     return tasks.get_vocabulary(spec)
   except ValueError as e:
@@ -332,8 +333,8 @@ def sample_file(prompts, output, step=None, mesh=None):
       lines = f.read().splitlines()
   except OSError as e:
     raise UsageError(f"--prompts={prompts}: {e.strerror}") from e
-  model_config = model.GPTConfig()
-  vocab = load_vocabulary(config)
+  model_config, model_vocabulary = model_dir.resolve(config.checkpoint_dir)
+  vocab = load_vocabulary(config, model_vocabulary)
   if vocab.vocab_size > model_config.vocab_size:
     raise UsageError(f"the vocabulary has {vocab.vocab_size} ids but the model's vocab_size "
                      f"is {model_config.vocab_size}")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxgpt import accounting, checkpoint, model, optim, sharding
+from paxgpt import accounting, checkpoint, model, model_dir as model_dir_lib, optim, sharding
 from paxgpt import data as data_lib
 from paxgpt.errors import UsageError
 from paxgpt.metrics import MetricsWriter
@@ -237,6 +237,20 @@ def _check_finite(step, metrics):
   return loss
 
 
+def _model_config(model_dir, train_config, model_config):
+  """The model to train: `model_config`, else MODEL_DIR's model.json (a resumed
+  run) or init_from's (fine-tuning) when gin binds no model, else gin's;
+  checked against what MODEL_DIR and init_from carry."""
+  if model_config is None:
+    source = model_dir if model_dir_lib.read(model_dir) else train_config.init_from
+    model_config = (model_dir_lib.resolve(source)[0] if source
+                    else model.GPTConfig())
+  for source in (model_dir, train_config.init_from):
+    if source:
+      model_dir_lib.check_matches(source, model_config)
+  return model_config
+
+
 @gin.configurable(denylist=["mesh", "on_step"])
 def train(model_dir=gin.REQUIRED, *, mesh=None, on_step=None, model_config=None,
           data_config=None, optimizer_config=None, train_config=None,
@@ -256,9 +270,12 @@ def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config
            train_config, checkpoint_config, sigterm):
   start_time = time.time()
   cfg = train_config or TrainConfig()
-  model_config = model_config or model.GPTConfig()
+  data_config = data_config or data_lib.DataConfig()
+  model_config = _model_config(model_dir, cfg, model_config)
+  if jax.process_index() == 0:  # the model's config travels with its checkpoints
+    model_dir_lib.write(model_dir, model_config, data_config.vocabulary, gin.config_str())
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-  run = _Run(model_dir, model_config, data_config or data_lib.DataConfig(),
+  run = _Run(model_dir, model_config, data_config,
              optimizer_config or optim.OptimizerConfig(), cfg,
              checkpoint_config or checkpoint.CheckpointConfig(), partitioner)
   cfg = run.cfg  # with num_steps resolved from train_tokens
@@ -347,8 +364,17 @@ def evaluate(model_dir=gin.REQUIRED, *, mesh=None, step=None, model_config=None,
              data_config=None):
   """Validation loss and perplexity of the checkpoint `step` (default latest)
   of `model_dir`, restored onto `mesh`."""
-  model_config = model_config or model.GPTConfig()
-  data_config = data_config or data_lib.DataConfig()
+  spec = None
+  if model_config is None:
+    model_config, spec = model_dir_lib.resolve(model_dir)
+  if data_config is None:
+    data_config = data_lib.DataConfig()
+    # With no data gin, the vocabulary the model carries, at most max_len long.
+    if spec and not model_dir_lib.gin_bound("DataConfig.vocabulary"):
+      data_config = dataclasses.replace(data_config, vocabulary=spec)
+    if not model_dir_lib.gin_bound("DataConfig.sequence_length"):
+      data_config = dataclasses.replace(
+          data_config, sequence_length=min(data_config.sequence_length, model_config.max_len))
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
   if not os.path.isdir(checkpoint.checkpoint_dir(model_dir)):
     raise UsageError(f"MODEL_DIR={os.fspath(model_dir)!r} has no checkpoints (no "

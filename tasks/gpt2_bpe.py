@@ -1,9 +1,17 @@
 """GPT-2's byte-level BPE as a seqio vocabulary (the 'gpt2:' spec of
-tasks/vocabularies.py), through tiktoken, from local files only.
+tasks/vocabularies.py), from local files only.
 
-Ids are tiktoken's shifted up by one, so that 0 is padding; EOS is
-<|endoftext|>. Read from OpenAI's `encoder.json` + `vocab.bpe`, or from a
-`*.tiktoken` rank file.
+Ids are the files' own ids shifted up by one, so that 0 is padding; EOS is
+<|endoftext|>. A directory is read in this order:
+  encoder.json + vocab.bpe   OpenAI's layout (must be GPT-2's bytes-then-merges order)
+  tokenizer.json             a tokenizers-library file (transformers' save_pretrained)
+  vocab.json + merges.txt    transformers' slow-tokenizer layout
+  one *.tiktoken file        tiktoken's rank file (or the path of such a file)
+Where the ids are in GPT-2's order (the 256 byte tokens in GPT-2's alphabet order,
+then one per merge in merge order, specials after), tiktoken encodes; otherwise
+(e.g. a byte-level BPE trained with the tokenizers library, whose specials and
+alphabet come first) the tokenizers library does, with the file's own merges.
+Either way the ids equal transformers' AutoTokenizer's on the same files, plus one.
 """
 from __future__ import annotations
 
@@ -96,7 +104,87 @@ def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
   return ranks
 
 
-def _find_gpt2_files(location: str) -> tuple[dict[bytes, int], int | None]:
+# The files a directory may hold, by layout (what `paxgpt export` writes and
+# `paxgpt import` copies).
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe", "tokenizer.json", "vocab.json", "merges.txt",
+                   "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _read_json(path):
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise VocabularyError(f"{path}: not JSON ({e})") from None
+
+
+def _read_merges(path) -> list[str]:
+  """merges.txt: one 'left right' pair a line, after an optional '#version' line."""
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  if lines and lines[0].startswith("#version"):
+    lines = lines[1:]
+  merges = []
+  for number, line in enumerate(lines, start=1):
+    if line.strip():
+      if len(line.split()) != 2:
+        raise VocabularyError(f"{path}: merge {number} is not two tokens: {line!r}")
+      merges.append(line)
+  return merges
+
+
+def _gpt2_order_ranks(vocab: dict[str, int], merges: list[str], where: str):
+  """(ranks, EOS id) when `vocab` is in GPT-2's order (tiktoken can encode it
+  exactly), else None."""
+  alphabet = _data_gym_byte_alphabet()
+  vocab = dict(vocab)
+  eot_id = vocab.pop(END_OF_TEXT, None)
+  ranks = {bytes([b]): i for i, b in enumerate(alphabet.values())}
+  try:
+    for merge in merges:
+      left, right = merge.split()
+      ranks[_decode_data_gym(left, alphabet, where)
+            + _decode_data_gym(right, alphabet, where)] = len(ranks)
+    as_bytes = {_decode_data_gym(k, alphabet, where): v for k, v in vocab.items()}
+  except VocabularyError:
+    return None
+  if as_bytes != ranks or (eot_id is not None and eot_id < len(ranks)):
+    return None
+  return ranks, eot_id
+
+
+def _load_tokenizers(location: str):
+  """The tokenizers-library tokenizer of a directory's tokenizer.json or
+  vocab.json + merges.txt, checked to be a byte-level BPE."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers
+  path = os.path.join(location, "tokenizer.json")
+  if os.path.isfile(path):
+    spec = _read_json(path)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+      raise VocabularyError(f"{path}: not a byte-level BPE (model {model.get('type')!r}, "
+                            f"pre_tokenizer {json.dumps(spec.get('pre_tokenizer'))[:60]})")
+    try:
+      return tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side's errors name no file
+      raise VocabularyError(f"{path}: {e}") from None
+  vocab_json, merges_txt = (os.path.join(location, n) for n in ("vocab.json", "merges.txt"))
+  try:
+    bpe = models.BPE.from_file(vocab_json, merges_txt)
+  except Exception as e:
+    raise VocabularyError(f"{vocab_json} + merges.txt: {e}") from None
+  tok = tokenizers.Tokenizer(bpe)
+  # transformers' GPT2Tokenizer on these files: GPT-2's regex split, no prefix space.
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  if END_OF_TEXT in _read_json(vocab_json):
+    tok.add_special_tokens([END_OF_TEXT])
+  return tok
+
+
+def _find_gpt2_files(location: str):
+  """(ranks, EOS id or None) for tiktoken, or a tokenizers.Tokenizer."""
   if os.path.isfile(location):
     return load_tiktoken_ranks(location), None
   if not os.path.isdir(location):
@@ -106,11 +194,43 @@ def _find_gpt2_files(location: str) -> tuple[dict[bytes, int], int | None]:
   vocab_bpe = os.path.join(location, "vocab.bpe")
   if os.path.isfile(encoder_json) and os.path.isfile(vocab_bpe):
     return load_gpt2_ranks(encoder_json, vocab_bpe)
+  tokenizer_json = os.path.join(location, "tokenizer.json")
+  vocab_json, merges_txt = (os.path.join(location, n) for n in ("vocab.json", "merges.txt"))
+  if os.path.isfile(tokenizer_json):
+    model = _read_json(tokenizer_json).get("model") or {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    added = [t for t in _read_json(tokenizer_json).get("added_tokens", [])
+             if t.get("content") != END_OF_TEXT]
+    found = None if added else _gpt2_order_ranks(model.get("vocab", {}), merges,
+                                                 tokenizer_json)
+    return found or _load_tokenizers(location)
+  if os.path.isfile(vocab_json) and os.path.isfile(merges_txt):
+    return (_gpt2_order_ranks(_read_json(vocab_json), _read_merges(merges_txt), vocab_json)
+            or _load_tokenizers(location))
   tiktoken_files = sorted(n for n in os.listdir(location) if n.endswith(".tiktoken"))
   if len(tiktoken_files) == 1:
     return load_tiktoken_ranks(os.path.join(location, tiktoken_files[0])), None
   raise VocabularyError(f"gpt2 vocabulary: {location} holds neither encoder.json + "
-                        f"vocab.bpe nor exactly one .tiktoken file")
+                        f"vocab.bpe, tokenizer.json, vocab.json + merges.txt nor exactly "
+                        f"one .tiktoken file")
+
+
+class _TokenizersBackend:
+  """The tokenizers library behind the same interface as a tiktoken Encoding."""
+
+  def __init__(self, tokenizer, where):
+    self._tok = tokenizer
+    self.eot_token = tokenizer.token_to_id(END_OF_TEXT)
+    if self.eot_token is None:
+      raise VocabularyError(f"gpt2 vocabulary {where}: no {END_OF_TEXT} token")
+    self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def encode_ordinary(self, text):
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids, errors="replace"):
+    del errors  # the byte-level decoder replaces broken UTF-8 as tiktoken does
+    return self._tok.decode(ids, skip_special_tokens=False)
 
 
 class GPT2BPEVocabulary(seqio.Vocabulary):
@@ -121,13 +241,23 @@ class GPT2BPEVocabulary(seqio.Vocabulary):
   def __init__(self, location: str):
     super().__init__(extra_ids=0)
     self._location = location
-    ranks, eot_id = _find_gpt2_files(location)
+    found = _find_gpt2_files(location)
+    if not isinstance(found, tuple):
+      self._encoding = _TokenizersBackend(found, location)
+      self._tiktoken_size = self._encoding.n_vocab
+      return
+    ranks, eot_id = found
     if eot_id is None:
       eot_id = len(ranks)
     self._encoding = tiktoken.Encoding(
         name=f"gpt2:{location}", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
         special_tokens={END_OF_TEXT: eot_id})
     self._tiktoken_size = max(len(ranks), eot_id + 1)
+
+  @property
+  def backend(self) -> str:
+    """'tiktoken' or 'tokenizers': which library encodes."""
+    return "tokenizers" if isinstance(self._encoding, _TokenizersBackend) else "tiktoken"
 
   @property
   def location(self) -> str:

@@ -74,3 +74,21 @@ def vocab(args):
   print(path)
   print(f"use it with: DataConfig.vocabulary = 'spm:{path}'")
   return 0
+
+
+def import_hf(args):
+  """`paxgpt import`: a MODEL_DIR from a transformers GPT-Neo / GPT-2 directory."""
+  from paxgpt import hf, sharding
+  summary = hf.import_hf(args.hf_dir, args.model_dir, mesh=sharding.mesh_from_flag(args.mesh),
+                         dtype=args.dtype)
+  print(json.dumps(summary), flush=True)
+  return 0
+
+
+def export(args):
+  """`paxgpt export`: a transformers directory from a MODEL_DIR checkpoint."""
+  from paxgpt import hf, sharding
+  summary = hf.export_hf(args.model_dir, args.hf_dir, step=args.step,
+                         mesh=sharding.mesh_from_flag(args.mesh))
+  print(json.dumps(summary), flush=True)
+  return 0

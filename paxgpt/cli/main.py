@@ -2,7 +2,9 @@
 
   paxgpt COMMAND --gin_file=FILE [--gin_file=...] [--gin.NAME=VALUE ...] [flags]
 
-Commands: train, eval, sample, info, plan, vocab. Gin files are looked up
+Commands: train, eval, sample, info, plan, vocab, import, export. eval and
+sample without --gin_file use gin/runs/eval.gin / sample.gin and the model
+config that MODEL_DIR carries (model.json). Gin files are looked up
 relative to the working directory, then to the paxgpt checkout.
 
 The error contract, applied here and nowhere else: bad input (an unknown gin
@@ -34,6 +36,8 @@ class Command:
   help: str
   needs_gin: bool = True
   flags: tuple = ()  # (name, kwargs for argparse.add_argument)
+  # Gin files used when no --gin_file is given (None: at least one is required).
+  default_gin: tuple | None = None
 
 
 MESH_FLAG = ("--mesh", dict(default=None,
@@ -45,10 +49,12 @@ COMMANDS = {
                      flags=(MESH_FLAG,)),
     "eval": Command("evaluate",
                     "validation loss and perplexity of a checkpoint",
+                    default_gin=("gin/runs/eval.gin",),
                     flags=(MESH_FLAG, ("--step", dict(type=int, default=None,
                                                       help="checkpoint step (default latest)")))),
     "sample": Command("sample",
                       "sample completions for a JSONL file of prompts",
+                      default_gin=("gin/runs/sample.gin",),
                       flags=(MESH_FLAG,
                              ("--prompts", dict(required=True, help="input JSONL")),
                              ("--output", dict(required=True, help="output JSONL")),
@@ -78,6 +84,23 @@ COMMANDS = {
                      flags=(("--task", dict(required=True, help="registered task name")),
                             ("--size", dict(type=int, required=True, help="vocabulary size")),
                             ("--output", dict(required=True, help="output directory")))),
+    "import": Command("import_hf",
+                      "write a MODEL_DIR from a transformers GPT-Neo / GPT-2 directory",
+                      needs_gin=False,
+                      flags=(MESH_FLAG,
+                             ("--hf_dir", dict(required=True, help="transformers directory")),
+                             ("--model_dir", dict(required=True, help="new MODEL_DIR")),
+                             ("--dtype", dict(default="float32",
+                                              choices=("float32", "bfloat16"),
+                                              help="GPTConfig.dtype to record (compute)")))),
+    "export": Command("export",
+                      "write a transformers directory from a MODEL_DIR checkpoint",
+                      default_gin=(),
+                      flags=(MESH_FLAG,
+                             ("--model_dir", dict(required=True, help="paxgpt MODEL_DIR")),
+                             ("--hf_dir", dict(required=True, help="new transformers directory")),
+                             ("--step", dict(type=int, default=None,
+                                             help="checkpoint step (default latest)")))),
 }
 
 # Commands that run on every process of a multi-host run (paxgpt/distributed.py).
@@ -179,8 +202,9 @@ def _run(name, argv):
   function = getattr(importlib.import_module("paxgpt.cli.commands"), cmd.function)
   if cmd.needs_gin:
     _register_configurables()
-    if not files:
+    if not files and cmd.default_gin is None:
       raise UsageError(f"paxgpt {name} needs at least one --gin_file")
+    files = files or list(cmd.default_gin)
     parse_gin(files, bindings)
   elif files or bindings:
     raise UsageError(f"paxgpt {name} takes no gin flags")

@@ -1,0 +1,734 @@
+"""Hugging Face GPT-Neo and GPT-2 checkpoints in and out of paxgpt.
+
+  import_hf(hf_dir, model_dir, mesh=None, dtype="float32") -> summary dict
+  export_hf(model_dir, hf_dir, step=None, mesh=None) -> summary dict
+  config_from_hf(config_json) -> (architecture, GPTConfig kwargs)
+  config_to_hf(GPTConfig, eos_id) -> (architecture, config.json dict)
+
+One table per architecture (`TABLES`) pairs every Hugging Face tensor with the
+paxgpt parameters it holds, and gives both directions of the conversion side
+by side, so import and export cannot drift apart. Facts they encode, each
+checked against transformers' modeling_gpt_neo.py / modeling_gpt2.py:
+  - GPT-Neo's q/k/v are bias-free nn.Linear ([out, in]) and q.k is not scaled
+    (attention_scale=1.0, qkv_bias=False); its out_proj has a bias.
+  - GPT-2's Conv1D weights are [in, out]; c_attn fuses q, k, v along out.
+  - GPT-Neo's local layer: query i sees key j iff i - window < j <= i, which
+    is paxgpt's banded mask with W = window_size; `attention_types` expands
+    to the per-layer pattern, whose period becomes `attention_pattern`.
+  - Both use GELU with the tanh approximation ('gelu_new'), pre-LayerNorm,
+    learned positions and tied embeddings.
+  - paxgpt's vocabularies keep id 0 for padding, so Hugging Face id h is
+    paxgpt id h + 1: embedding row 0 is zero and masked (GPTConfig.masked_ids),
+    and the padded rows past vocab_size are masked too; neither is ever sampled.
+A config paxgpt cannot express exactly is a UsageError naming the field.
+
+Weights stream one tensor at a time: safetensors files are parsed here (the
+header, then each tensor read with pread), each parameter is built on the
+host and placed into its target sharding before the next is read, so the
+model is never in host memory twice. Export writes the safetensors file the
+same way, one tensor at a time. Both write into a temporary directory beside
+the output and rename it at the end: a failure leaves nothing half-made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import time
+
+import numpy as np
+
+from paxgpt import checkpoint, model, model_dir as model_dir_lib, sharding
+from paxgpt.errors import UsageError
+
+SHIFT = 1  # paxgpt id = Hugging Face id + SHIFT (id 0 is padding)
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+VOCABULARY_SUBDIR = "vocabulary"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe", "tokenizer.json", "vocab.json", "merges.txt",
+                   "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ---------------------------------------------------------------------------
+# safetensors, read and written one tensor at a time.
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def _numpy_dtype(name, where):
+  if name == "BF16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  if name not in _DTYPES:
+    raise UsageError(f"{where}: tensor dtype {name} is not a float type paxgpt reads")
+  return np.dtype(_DTYPES[name])
+
+
+class SafetensorsFile:
+  """The header of a .safetensors file, checked against its size; `read(name)`
+  reads one tensor with pread (no mmap: memory holds only what was read)."""
+
+  def __init__(self, path):
+    self.path = path
+    try:
+      size = os.path.getsize(path)
+      with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+          raise UsageError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+          raise UsageError(f"{path}: truncated safetensors file (header of {n} bytes, "
+                           f"file of {size})")
+        header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+      if isinstance(e, UsageError):
+        raise
+      raise UsageError(f"{path}: not a safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    self.start = 8 + n
+    self.tensors = {}
+    for name, info in header.items():
+      dtype = _numpy_dtype(info["dtype"], f"{path} tensor {name}")
+      shape = tuple(info["shape"])
+      begin, end = info["data_offsets"]
+      if end - begin != math.prod(shape) * dtype.itemsize or self.start + end > size:
+        raise UsageError(f"{path}: truncated safetensors file (tensor {name} ends at byte "
+                         f"{self.start + end}, file of {size})")
+      self.tensors[name] = (dtype, shape, self.start + begin)
+
+  def read(self, name) -> np.ndarray:
+    dtype, shape, offset = self.tensors[name]
+    out = np.empty(shape, dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(self.path, "rb") as f:
+      done = 0
+      while done < len(view):
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got <= 0:
+          raise UsageError(f"{self.path}: truncated while reading tensor {name}")
+        done += got
+    return out
+
+
+def write_safetensors(path, tensors):
+  """tensors: [(name, shape, make)] where make() returns the float32 array;
+  called one at a time, in order, after the header is written."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, shape, _ in tensors:
+    nbytes = math.prod(shape) * 4
+    header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset,
+                                                                           offset + nbytes]}
+    offset += nbytes
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text)
+    for name, shape, make in tensors:
+      array = np.ascontiguousarray(make(), np.float32)
+      if array.shape != tuple(shape):
+        raise ValueError(f"{name}: made {array.shape}, declared {tuple(shape)}")
+      f.write(memoryview(array.reshape(-1)).cast("B"))
+      del array
+
+
+class Weights:
+  """The tensors of a transformers directory (model.safetensors, or the shards
+  its index names), by name without the 'transformer.' prefix."""
+
+  def __init__(self, hf_dir):
+    single, index = (os.path.join(hf_dir, n) for n in (WEIGHTS, WEIGHTS_INDEX))
+    if os.path.isfile(index):
+      try:
+        with open(index, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{index}: not a safetensors index ({e})") from None
+      files = sorted(set(weight_map.values()))
+    elif os.path.isfile(single):
+      files = [WEIGHTS]
+    else:
+      others = [n for n in sorted(os.listdir(hf_dir))
+                if n.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt"))]
+      found = f" (it has only {', '.join(others)}: convert to safetensors first)" if others \
+          else ""
+      raise UsageError(f"--hf_dir={hf_dir}: no {WEIGHTS} or {WEIGHTS_INDEX}{found}")
+    self.where = {}
+    for name in files:
+      path = os.path.join(hf_dir, name)
+      if not os.path.isfile(path):
+        raise UsageError(f"{index}: shard {name} is missing")
+      shard = SafetensorsFile(path)
+      for tensor in shard.tensors:
+        self.where[tensor.removeprefix("transformer.")] = shard
+
+  def shape(self, name):
+    if name not in self.where:
+      raise UsageError(f"the checkpoint has no tensor {name!r}")
+    return self.where[name].tensors[name if name in self.where[name].tensors
+                                    else "transformer." + name][1]
+
+  def read(self, name) -> np.ndarray:
+    shard = self.where[name]
+    key = name if name in shard.tensors else "transformer." + name
+    return shard.read(key).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# The tables: Hugging Face tensors <-> paxgpt parameters.
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """HF tensors `hf` (names; '{i}' is the layer) hold paxgpt parameters `ours`
+  (paths in a block, or in the top level for global entries). to_ours(hf
+  arrays, cfg) -> our arrays; to_hf(our arrays, cfg) -> HF arrays."""
+  hf: tuple
+  ours: tuple
+  to_ours: callable
+  to_hf: callable
+  per_layer: bool = True
+
+
+def _same(arrays, cfg):
+  return list(arrays)
+
+
+def _ln(hf_prefix, ours):
+  return [Entry((f"{hf_prefix}.weight",), (f"{ours}/scale",), _same, _same),
+          Entry((f"{hf_prefix}.bias",), (f"{ours}/bias",), _same, _same)]
+
+
+def _heads_in(cfg):  # [d, h*k] -> [d, h, k]
+  return lambda w: w.reshape(cfg.d_model, cfg.num_heads, cfg.head_dim)
+
+
+def _q_factor(cfg, hf_scale):
+  """What GPT-2/GPT-Neo's q weights are multiplied by on export, so that their
+  fixed q.k scale (hf_scale) gives paxgpt's (exactly 1 for imported models)."""
+  ours = cfg.head_dim ** -0.5 if cfg.attention_scale is None else cfg.attention_scale
+  return 1.0 if ours == hf_scale else ours / hf_scale
+
+
+def _neo_scale(cfg):
+  return 1.0
+
+
+def _gpt2_scale(cfg):
+  return 1.0 if cfg.attention_scale == 1.0 else cfg.head_dim ** -0.5
+
+
+def _linear_heads(name, index, hf_scale=None):
+  """nn.Linear [h*k, d] <-> our [d, h, k] kernel (index: query/key/value)."""
+  def to_ours(a, cfg):
+    return [_heads_in(cfg)(a[0].T)]
+
+  def to_hf(a, cfg):
+    w = a[0].reshape(cfg.d_model, -1).T
+    return [w * _q_factor(cfg, hf_scale(cfg)) if hf_scale else w]
+  return Entry((name,), (f"attention/{index}_kernel",), to_ours, to_hf)
+
+
+def _linear_out(name):
+  return Entry((name,), ("attention/out_kernel",),
+               lambda a, cfg: [a[0].T.reshape(cfg.num_heads, cfg.head_dim, cfg.d_model)],
+               lambda a, cfg: [a[0].reshape(-1, cfg.d_model).T])
+
+
+def _transposed(name, ours):
+  return Entry((name,), (ours,), lambda a, cfg: [a[0].T], lambda a, cfg: [a[0].T])
+
+
+def _embedding_to_ours(a, cfg):
+  table = np.zeros((cfg.padded_vocab_size, cfg.d_model), np.float32)
+  table[SHIFT:SHIFT + a[0].shape[0]] = a[0]
+  return [table]
+
+
+def _embedding_to_hf(a, cfg):
+  return [a[0][SHIFT:cfg.vocab_size]]
+
+
+def _positions_to_ours(a, cfg):
+  return [a[0][:cfg.max_len]]
+
+
+_GLOBAL = [
+    Entry(("wte.weight",), ("token_embedding",), _embedding_to_ours, _embedding_to_hf, False),
+    Entry(("wpe.weight",), ("position_embedding",), _positions_to_ours, _same, False),
+    *[dataclasses.replace(e, per_layer=False) for e in _ln("ln_f", "ln_final")],
+]
+
+GPT_NEO = _GLOBAL + [
+    *_ln("h.{i}.ln_1", "ln_attention"),
+    _linear_heads("h.{i}.attn.attention.q_proj.weight", "query", _neo_scale),
+    _linear_heads("h.{i}.attn.attention.k_proj.weight", "key"),
+    _linear_heads("h.{i}.attn.attention.v_proj.weight", "value"),
+    _linear_out("h.{i}.attn.attention.out_proj.weight"),
+    Entry(("h.{i}.attn.attention.out_proj.bias",), ("attention/out_bias",), _same, _same),
+    *_ln("h.{i}.ln_2", "ln_mlp"),
+    _transposed("h.{i}.mlp.c_fc.weight", "mlp/wi/kernel"),
+    Entry(("h.{i}.mlp.c_fc.bias",), ("mlp/wi/bias",), _same, _same),
+    _transposed("h.{i}.mlp.c_proj.weight", "mlp/wo/kernel"),
+    Entry(("h.{i}.mlp.c_proj.bias",), ("mlp/wo/bias",), _same, _same),
+]
+
+
+def _c_attn_to_ours(a, cfg):
+  w, b = a  # imported: paxgpt's q.k scale is GPT-2's, so q needs no factor
+  heads = (cfg.num_heads, cfg.head_dim)
+  return ([_heads_in(cfg)(x) for x in np.split(w, 3, axis=1)]
+          + [x.reshape(heads) for x in np.split(b, 3)])
+
+
+def _c_attn_to_hf(a, cfg):
+  factor = _q_factor(cfg, _gpt2_scale(cfg))
+  kernels = [x.reshape(cfg.d_model, -1) for x in a[:3]]
+  biases = [x.reshape(-1) for x in a[3:]] if len(a) > 3 else [
+      np.zeros(cfg.num_heads * cfg.head_dim, np.float32)] * 3
+  kernels[0], biases[0] = kernels[0] * factor, biases[0] * factor
+  return [np.concatenate(kernels, axis=1), np.concatenate(biases)]
+
+
+GPT2 = _GLOBAL + [
+    *_ln("h.{i}.ln_1", "ln_attention"),
+    Entry(("h.{i}.attn.c_attn.weight", "h.{i}.attn.c_attn.bias"),
+          ("attention/query_kernel", "attention/key_kernel", "attention/value_kernel",
+           "attention/query_bias", "attention/key_bias", "attention/value_bias"),
+          _c_attn_to_ours, _c_attn_to_hf),
+    Entry(("h.{i}.attn.c_proj.weight",), ("attention/out_kernel",),
+          lambda a, cfg: [a[0].reshape(cfg.num_heads, cfg.head_dim, cfg.d_model)],
+          lambda a, cfg: [a[0].reshape(-1, cfg.d_model)]),
+    Entry(("h.{i}.attn.c_proj.bias",), ("attention/out_bias",), _same, _same),
+    *_ln("h.{i}.ln_2", "ln_mlp"),
+    Entry(("h.{i}.mlp.c_fc.weight",), ("mlp/wi/kernel",), _same, _same),
+    Entry(("h.{i}.mlp.c_fc.bias",), ("mlp/wi/bias",), _same, _same),
+    Entry(("h.{i}.mlp.c_proj.weight",), ("mlp/wo/kernel",), _same, _same),
+    Entry(("h.{i}.mlp.c_proj.bias",), ("mlp/wo/bias",), _same, _same),
+]
+
+TABLES = {"gpt_neo": GPT_NEO, "gpt2": GPT2}
+ARCHITECTURES = {"gpt_neo": "GPTNeoForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
+# ---------------------------------------------------------------------------
+# Configs.
+
+
+def _field(config, name, default=None, required=True):
+  if name in config:
+    return config[name]
+  if required and default is None:
+    raise UsageError(f"config.json: field {name!r} is missing")
+  return default
+
+
+def _must_be(config, name, allowed, default):
+  value = config.get(name, default)
+  if value not in allowed:
+    raise UsageError(f"config.json: {name}={json.dumps(value)} cannot be expressed exactly in "
+                     f"paxgpt (supported: {', '.join(json.dumps(a) for a in allowed)})")
+  return value
+
+
+def _period(layers):
+  """The shortest block whose repetition is `layers`."""
+  n = len(layers)
+  for p in range(1, n + 1):
+    if n % p == 0 and layers == layers[:p] * (n // p):
+      return layers[:p]
+  return layers
+
+
+def config_from_hf(config: dict):
+  """(model_type, GPTConfig kwargs) of a transformers config.json dict."""
+  model_type = config.get("model_type")
+  if model_type not in TABLES:
+    raise UsageError(f"config.json: model_type={json.dumps(model_type)} is not supported "
+                     f"(supported: {', '.join(TABLES)})")
+  _must_be(config, "activation_function", GELU_TANH, "gelu_new")
+  _must_be(config, "tie_word_embeddings", (True,), True)
+  _must_be(config, "add_cross_attention", (False,), False)
+  if model_type == "gpt_neo":
+    d, heads = _field(config, "hidden_size"), _field(config, "num_heads")
+    num_layers = _field(config, "num_layers")
+    layers = []
+    for block, repeat in _field(config, "attention_types"):
+      layers += list(block) * repeat
+    bad = sorted(set(layers) - {"global", "local"})
+    if bad or len(layers) != num_layers:
+      raise UsageError(f"config.json: attention_types={json.dumps(config['attention_types'])} "
+                       f"does not give num_layers={num_layers} layers of 'global'/'local'")
+    pattern = tuple("dense" if t == "global" else "banded" for t in _period(layers))
+    kwargs = dict(num_layers=num_layers, d_model=d, num_heads=heads,
+                  d_ff=config.get("intermediate_size") or 4 * d,
+                  max_len=_field(config, "max_position_embeddings"),
+                  attention_pattern=pattern, window=_field(config, "window_size", 256),
+                  attention_scale=1.0, qkv_bias=False)
+  else:
+    _must_be(config, "scale_attn_by_inverse_layer_idx", (False,), False)
+    _must_be(config, "reorder_and_upcast_attn", (False,), False)
+    d, heads = _field(config, "n_embd"), _field(config, "n_head")
+    scaled = _must_be(config, "scale_attn_weights", (True, False), True)
+    kwargs = dict(num_layers=_field(config, "n_layer"), d_model=d, num_heads=heads,
+                  d_ff=config.get("n_inner") or 4 * d, max_len=_field(config, "n_positions"),
+                  attention_pattern=("dense",), attention_scale=None if scaled else 1.0,
+                  qkv_bias=True)
+  if d % heads:
+    raise UsageError(f"config.json: hidden size {d} is not divisible by {heads} heads")
+  kwargs.update(vocab_size=_field(config, "vocab_size") + SHIFT, masked_ids=(0,),
+                head_dim=d // heads,
+                layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
+                dropout_rate=0.0)
+  return model_type, kwargs
+
+
+def config_to_hf(cfg: model.GPTConfig, eos_id=None):
+  """(model_type, config.json dict): GPT-2 for an all-dense model, else GPT-Neo.
+  eos_id: paxgpt's EOS id (None: the last Hugging Face id)."""
+  if cfg.head_dim * cfg.num_heads != cfg.d_model:
+    raise UsageError(f"head_dim={cfg.head_dim} x num_heads={cfg.num_heads} != d_model="
+                     f"{cfg.d_model}: neither GPT-2 nor GPT-Neo can express it")
+  vocab = cfg.vocab_size - SHIFT
+  eos = vocab - 1 if eos_id is None else eos_id - SHIFT
+  common = dict(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos,
+                layer_norm_epsilon=cfg.layer_norm_epsilon, activation_function="gelu_new",
+                tie_word_embeddings=True, initializer_range=cfg.init_std, use_cache=True)
+  if set(cfg.attention_pattern) == {"dense"}:
+    return "gpt2", dict(
+        model_type="gpt2", architectures=[ARCHITECTURES["gpt2"]], n_embd=cfg.d_model,
+        n_head=cfg.num_heads, n_layer=cfg.num_layers, n_positions=cfg.max_len,
+        n_inner=cfg.d_ff, scale_attn_weights=cfg.attention_scale != 1.0,
+        scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+        resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate, attn_pdrop=0.0, **common)
+  if cfg.qkv_bias:
+    raise UsageError("qkv_bias=True: a dense/banded model exports as GPT-Neo, whose q/k/v "
+                     "projections have no bias")
+  kinds = [["global" if k == "dense" else "local" for k in cfg.attention_pattern],
+           cfg.num_periods]
+  return "gpt_neo", dict(
+      model_type="gpt_neo", architectures=[ARCHITECTURES["gpt_neo"]], hidden_size=cfg.d_model,
+      num_heads=cfg.num_heads, num_layers=cfg.num_layers, attention_types=[kinds],
+      intermediate_size=cfg.d_ff, window_size=cfg.window,
+      max_position_embeddings=cfg.max_len, resid_dropout=cfg.dropout_rate,
+      embed_dropout=cfg.dropout_rate, attention_dropout=0.0, **common)
+
+
+# ---------------------------------------------------------------------------
+# Walking the table over a model.
+
+
+def _blocks(cfg):
+  """[(HF layer index, block name in the params tree, period index)]."""
+  k = len(cfg.attention_pattern)
+  return [(p * k + i, f"{i}_{kind}", p) for p in range(cfg.num_periods)
+          for i, kind in enumerate(cfg.attention_pattern)]
+
+
+def _leaf_path(entry, ours, block=None):
+  parts = ours.split("/")
+  return tuple(parts) if not entry.per_layer else ("layers", block) + tuple(parts)
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree, path, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _entries(model_type, cfg):
+  table = TABLES[model_type]
+  if not cfg.qkv_bias:  # GPT-Neo's table has no q/k/v biases; GPT-2 import always has them
+    table = [e for e in table if not any(o.endswith(("query_bias", "key_bias", "value_bias"))
+                                         for o in e.ours)]
+  return table
+
+
+def _check_hf_shapes(weights, model_type, cfg, hf_config):
+  """Every tensor the table reads is there with the shape the table's export
+  direction produces (so a mismatch names the tensor, before anything is written)."""
+  _, expected = _hf_tensor_specs(model_type, cfg, positions=hf_config.get(
+      "max_position_embeddings", hf_config.get("n_positions")))
+  for name, shape in expected:
+    found = weights.shape(name)
+    if tuple(found) != tuple(shape):
+      raise UsageError(f"tensor {name!r} has shape {tuple(found)}; config.json implies "
+                       f"{tuple(shape)}")
+
+
+def _hf_tensor_specs(model_type, cfg, positions=None):
+  """(entries with their layer, [(HF name, shape)]) in the table's order."""
+  hd = cfg.num_heads * cfg.head_dim
+  shapes = {}
+  if model_type == "gpt_neo":
+    per = {"ln_1": (cfg.d_model,), "ln_2": (cfg.d_model,), "q_proj.weight": (hd, cfg.d_model),
+           "k_proj.weight": (hd, cfg.d_model), "v_proj.weight": (hd, cfg.d_model),
+           "out_proj.weight": (cfg.d_model, hd), "out_proj.bias": (cfg.d_model,),
+           "c_fc.weight": (cfg.d_ff, cfg.d_model), "c_fc.bias": (cfg.d_ff,),
+           "c_proj.weight": (cfg.d_model, cfg.d_ff), "c_proj.bias": (cfg.d_model,)}
+  else:
+    per = {"ln_1": (cfg.d_model,), "ln_2": (cfg.d_model,), "c_attn.weight": (cfg.d_model, 3 * hd),
+           "c_attn.bias": (3 * hd,), "attn.c_proj.weight": (hd, cfg.d_model),
+           "attn.c_proj.bias": (cfg.d_model,), "c_fc.weight": (cfg.d_model, cfg.d_ff),
+           "c_fc.bias": (cfg.d_ff,), "mlp.c_proj.weight": (cfg.d_ff, cfg.d_model),
+           "mlp.c_proj.bias": (cfg.d_model,)}
+  glob = {"wte.weight": (cfg.vocab_size - SHIFT, cfg.d_model),
+          "wpe.weight": (positions or cfg.max_len, cfg.d_model),
+          "ln_f.weight": (cfg.d_model,), "ln_f.bias": (cfg.d_model,)}
+  out = []
+  for entry in _entries(model_type, cfg):
+    layers = [(None, None, None)] if not entry.per_layer else _blocks(cfg)
+    for layer, _, _ in layers:
+      for name in entry.hf:
+        full = name.format(i=layer)
+        if not entry.per_layer:
+          shape = glob[full]
+        else:
+          shape = next(s for k, s in sorted(per.items(), key=lambda kv: -len(kv[0]))
+                       if full.endswith(k) or f".{k}." in full)
+        shapes[full] = shape
+        out.append((full, shape))
+  return None, out
+
+
+# ---------------------------------------------------------------------------
+# Import.
+
+
+def _read_hf_config(hf_dir):
+  if not os.path.isdir(hf_dir):
+    raise UsageError(f"--hf_dir={hf_dir}: no such directory")
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise UsageError(f"--hf_dir={hf_dir}: no config.json (not a transformers save_pretrained "
+                     f"directory)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UsageError(f"{path}: not JSON ({e})") from None
+  if not isinstance(config, dict):
+    raise UsageError(f"{path}: expected a JSON object")
+  return config
+
+
+def _staging_dir(out):
+  """A fresh directory beside `out` (renamed to it when complete); `out` must
+  not exist or be empty."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise UsageError(f"{out} already exists and is not empty; paxgpt writes a new directory")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+
+
+def _finish(staging, out):
+  out = os.path.abspath(out)
+  if os.path.isdir(out):
+    os.rmdir(out)  # empty (checked when staging began)
+  os.rename(staging, out)
+
+
+def _copy_vocabulary(hf_dir, target):
+  files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+  if not files:
+    raise UsageError(f"--hf_dir={hf_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:5])})")
+  os.makedirs(target)
+  for name in files:
+    shutil.copyfile(os.path.join(hf_dir, name), os.path.join(target, name))
+
+
+def _gin_text(cfg, source):
+  lines = [f"# paxgpt import of {source}: the model's GPTConfig (also in model.json)."]
+  for field in dataclasses.fields(model.GPTConfig):
+    lines.append(f"GPTConfig.{field.name} = {getattr(cfg, field.name)!r}")
+  return "\n".join(lines) + "\n"
+
+
+def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
+  """Write a paxgpt MODEL_DIR from a transformers GPT-Neo / GPT-2 directory:
+  checkpoints/0 (params only), model.json, config.gin and vocabulary/."""
+  start = time.time()
+  hf_dir = os.path.abspath(hf_dir)
+  hf_config = _read_hf_config(hf_dir)
+  model_type, kwargs = config_from_hf(hf_config)
+  try:
+    cfg = model.GPTConfig(**kwargs, dtype=dtype)
+  except (ValueError, TypeError) as e:
+    raise UsageError(f"config.json: {e}") from None
+  weights = Weights(hf_dir)
+  _check_hf_shapes(weights, model_type, cfg, hf_config)
+  staging = _staging_dir(model_dir)
+  try:
+    vocab_dir = os.path.join(staging, VOCABULARY_SUBDIR)
+    _copy_vocabulary(hf_dir, vocab_dir)
+    spec = f"gpt2:{vocab_dir}"
+    _check_vocabulary(spec, cfg, hf_config)
+    partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+    params, nbytes = _stream_params(weights, model_type, cfg, partitioner)
+    _save_params(staging, params)
+    del params
+    model_dir_lib.write(staging, cfg, spec, _gin_text(cfg, hf_dir))
+    _finish(staging, model_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return {"model_type": model_type, "model_dir": os.path.abspath(model_dir),
+          "parameter_bytes": nbytes, "wall_s": time.time() - start}
+
+
+def _check_vocabulary(spec, cfg, hf_config):
+  import tasks
+  vocab = tasks.get_vocabulary(spec)
+  if vocab.vocab_size > cfg.vocab_size:
+    raise UsageError(f"the tokenizer has {vocab.vocab_size - SHIFT} ids but config.json's "
+                     f"vocab_size is {cfg.vocab_size - SHIFT}")
+  eos = hf_config.get("eos_token_id")
+  if isinstance(eos, int) and eos + SHIFT != vocab.eos_id:
+    raise UsageError(f"config.json: eos_token_id={eos} but the tokenizer's <|endoftext|> is "
+                     f"{vocab.eos_id - SHIFT}")
+
+
+def _stream_params(weights, model_type, cfg, partitioner):
+  """The params tree, each leaf built on the host from its HF tensors and put
+  into its target sharding before the next entry is read."""
+  import jax
+  boxed = model.abstract_variables(cfg)["params"]
+  abstract = partitioner.abstract(boxed)
+  params, nbytes = {}, 0
+  for entry in _entries(model_type, cfg):
+    if not entry.per_layer:
+      arrays = entry.to_ours([weights.read(n) for n in entry.hf], cfg)
+      hosts = dict(zip(entry.ours, arrays))
+      paths = {o: _leaf_path(entry, o) for o in entry.ours}
+    else:  # stacked over periods: one host buffer per leaf of this block kind
+      hosts, paths = {}, {}
+      for layer, block, period in _blocks(cfg):
+        arrays = entry.to_ours([weights.read(n.format(i=layer)) for n in entry.hf], cfg)
+        for ours, array in zip(entry.ours, arrays):
+          key = (block, ours)
+          if key not in hosts:
+            hosts[key] = np.empty((cfg.num_periods,) + array.shape, np.float32)
+            paths[key] = _leaf_path(entry, ours, block)
+          hosts[key][period] = array
+        del arrays
+    for key, host in hosts.items():
+      target = _get(abstract, paths[key])
+      if host.shape != target.shape:
+        raise UsageError(f"{entry.hf[0]}: gives {host.shape} for {'/'.join(paths[key])}, "
+                         f"the model needs {target.shape}")
+      host = host.astype(target.dtype, copy=False)
+      _set(params, paths[key], jax.make_array_from_callback(
+          target.shape, target.sharding, lambda index, h=host: h[index]))
+      nbytes += host.nbytes
+    del hosts
+  return params, nbytes
+
+
+def _save_params(directory, params):
+  import orbax.checkpoint as ocp
+  manager = checkpoint.Checkpointer(directory, checkpoint.CheckpointConfig(async_save=False))
+  try:
+    manager.manager.save(0, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({"step": 0, "validation_loss": None})), force=True)
+  finally:
+    manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Export.
+
+
+def restore(model_dir, step=None, mesh=None):
+  """(GPTConfig, vocabulary spec or None, params) of a MODEL_DIR checkpoint."""
+  cfg, spec = model_dir_lib.resolve(model_dir)
+  partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+  boxed = model.abstract_variables(cfg)["params"]
+  params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
+  return cfg, spec, params
+
+
+def export_hf(model_dir, hf_dir, step=None, mesh=None):
+  """Write a transformers directory (config.json, model.safetensors, tokenizer
+  files for a GPT-2 BPE vocabulary) from MODEL_DIR's checkpoint `step`."""
+  start = time.time()
+  cfg, spec, params = restore(model_dir, step, mesh)
+  vocab = None
+  if spec is not None:
+    import tasks
+    vocab = tasks.get_vocabulary(spec)
+  model_type, hf_config = config_to_hf(cfg, None if vocab is None else vocab.eos_id)
+  staging = _staging_dir(hf_dir)
+  try:
+    with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(hf_config, f, indent=1)
+    _write_weights(os.path.join(staging, WEIGHTS), model_type, cfg, params)
+    tokenizer = spec is not None and spec.startswith("gpt2:") and _write_tokenizer(
+        spec.partition(":")[2], staging, cfg)
+    _finish(staging, hf_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return {"model_type": model_type, "hf_dir": os.path.abspath(hf_dir),
+          "tokenizer": bool(tokenizer), "wall_s": time.time() - start}
+
+
+def _write_weights(path, model_type, cfg, params):
+  """model.safetensors, each HF tensor computed from its leaves' slices when written."""
+  tensors = []
+  _, specs = _hf_tensor_specs(model_type, cfg)
+  shapes = dict(specs)
+  for entry in _entries(model_type, cfg):
+    layers = [(None, None, None)] if not entry.per_layer else _blocks(cfg)
+    for layer, block, period in layers:
+      def make_all(entry=entry, block=block, period=period):
+        arrays = []
+        for ours in entry.ours:
+          leaf = _get(params, _leaf_path(entry, ours, block))
+          arrays.append(np.asarray(leaf if period is None else leaf[period], np.float32))
+        return entry.to_hf(arrays, cfg)
+      outputs = {}  # an entry's HF tensors (c_attn's weight and bias) come from one call
+      for n, name in enumerate(entry.hf):
+        def make(n=n, make_all=make_all, outputs=outputs):
+          if not outputs:
+            outputs.update(enumerate(make_all()))
+          return outputs.pop(n)
+        full = name.format(i=layer)
+        tensors.append((full, shapes[full], make))
+  write_safetensors(path, [(f"transformer.{n}", s, m) for n, s, m in tensors])
+
+
+def _write_tokenizer(location, staging, cfg):
+  """Copy the vocabulary's files so that AutoTokenizer loads them; OpenAI's
+  encoder.json + vocab.bpe become vocab.json + merges.txt. False when the
+  vocabulary is a .tiktoken file (no transformers layout to write)."""
+  if not os.path.isdir(location):
+    return False
+  names = set(os.listdir(location))
+  copies = {n: n for n in TOKENIZER_FILES if n in names}
+  if "encoder.json" in copies and "vocab.bpe" in copies and "vocab.json" not in copies:
+    copies = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
+  if not copies:
+    return False
+  for source, target in copies.items():
+    shutil.copyfile(os.path.join(location, source), os.path.join(staging, target))
+  if "tokenizer_config.json" not in copies.values():
+    end = "<|endoftext|>"
+    with open(os.path.join(staging, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+      json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": end, "eos_token": end,
+                 "unk_token": end, "model_max_length": cfg.max_len,
+                 "add_prefix_space": False}, f, indent=1)
+  return True

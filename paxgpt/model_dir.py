@@ -1,0 +1,170 @@
+"""What a MODEL_DIR carries besides its checkpoints: the model's config.
+
+  MODEL_DIR/model.json   {"format": 1, "model": {GPTConfig fields}, "vocabulary": spec}
+  MODEL_DIR/config.gin   the gin config the run started with, for the record
+  MODEL_DIR/checkpoints/ Orbax (paxgpt/checkpoint.py)
+
+  write(model_dir, model_config, vocabulary_spec, gin_config=None)
+  read(model_dir) -> (GPTConfig, vocabulary spec) or None
+  resolve(model_dir) -> (GPTConfig, vocabulary spec or None): what a command uses
+
+`paxgpt train` and `paxgpt import` write model.json; eval, sample, export and
+fine-tuning read it when gin binds no GPTConfig parameter (no model gin file).
+When gin does bind the model and model.json disagrees on a field that changes
+the parameters or the function they compute (SHAPE_FIELDS), that is a
+UsageError naming the fields. A vocabulary whose files lie inside MODEL_DIR is
+stored relative to it (the directory can be moved) and read back absolute.
+model.json is written through a temporary file and a rename, so a reader never
+sees half of one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import gin
+from etils import epath
+
+from paxgpt import model
+from paxgpt.errors import UsageError
+
+MODEL_JSON = "model.json"
+CONFIG_GIN = "config.gin"
+FORMAT = 1
+# GPTConfig fields that change the parameters' shapes or what they compute; the
+# others (dtype, remat, backend, dropout, init) are choices of the run.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff",
+                "max_len", "vocab_pad_multiple", "attention_pattern", "window",
+                "layer_norm_epsilon", "attention_scale", "qkv_bias", "masked_ids")
+
+
+def _is_local(path) -> bool:
+  return "://" not in str(path)
+
+
+def _path(model_dir) -> epath.Path:
+  path = epath.Path(model_dir)
+  return path.absolute() if _is_local(model_dir) else path
+
+
+def _store_spec(model_dir: epath.Path, spec: str) -> str:
+  kind, sep, location = spec.partition(":")
+  if not sep or not _is_local(location):
+    return spec
+  location = epath.Path(location).absolute()
+  try:
+    return f"{kind}:{location.relative_to(model_dir)}"
+  except ValueError:  # outside MODEL_DIR: keep the absolute path
+    return f"{kind}:{location}"
+
+
+def _load_spec(model_dir: epath.Path, spec: str) -> str:
+  kind, sep, location = spec.partition(":")
+  if not sep or not _is_local(location) or location.startswith("/"):
+    return spec
+  return f"{kind}:{model_dir / location}"
+
+
+def config_dict(config: model.GPTConfig) -> dict:
+  out = dataclasses.asdict(config)
+  out["attention_pattern"] = list(config.attention_pattern)
+  out["masked_ids"] = list(config.masked_ids)
+  return out
+
+
+def write(model_dir, model_config: model.GPTConfig, vocabulary_spec: str | None,
+          gin_config: str | None = None):
+  """Write model.json (and config.gin when given) into MODEL_DIR (created)."""
+  directory = _path(model_dir)
+  directory.mkdir(parents=True, exist_ok=True)
+  spec = None if vocabulary_spec is None else _store_spec(directory, vocabulary_spec)
+  text = json.dumps({"format": FORMAT, "model": config_dict(model_config),
+                     "vocabulary": spec}, indent=1) + "\n"
+  temporary = directory / f".{MODEL_JSON}.tmp"
+  temporary.write_text(text)
+  temporary.rename(directory / MODEL_JSON)
+  if gin_config is not None:
+    (directory / CONFIG_GIN).write_text(gin_config)
+
+
+def read(model_dir):
+  """(GPTConfig, vocabulary spec or None) from MODEL_DIR/model.json; None when
+  there is none (a run from before model.json existed)."""
+  directory = _path(model_dir)
+  path = directory / MODEL_JSON
+  if not path.exists():
+    return None
+  try:
+    obj = json.loads(path.read_text())
+    fields = obj["model"]
+    known = {f.name for f in dataclasses.fields(model.GPTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise UsageError(f"{path}: unknown model fields {unknown} (written by a newer paxgpt?)")
+    config = model.GPTConfig(**{**fields, "attention_pattern": tuple(fields["attention_pattern"]),
+                                "masked_ids": tuple(fields.get("masked_ids", ()))})
+  except (ValueError, KeyError, TypeError) as e:
+    if isinstance(e, UsageError):
+      raise
+    raise UsageError(f"{path}: not a paxgpt model config ({e})") from None
+  spec = obj.get("vocabulary")
+  return config, None if spec is None else _load_spec(directory, spec)
+
+
+def differences(expected: model.GPTConfig, found: model.GPTConfig, fields=SHAPE_FIELDS):
+  """['name=A (checkpoint: B)', ...] for the fields where the configs disagree."""
+  return [f"{name}={getattr(expected, name)!r} (checkpoint: {getattr(found, name)!r})"
+          for name in fields if getattr(expected, name) != getattr(found, name)]
+
+
+def gin_bound(name) -> bool:
+  """Whether gin binds `name` ('Configurable.parameter')."""
+  try:
+    gin.query_parameter(name)
+    return True
+  except ValueError:
+    return False
+
+
+def gin_bindings(fields) -> dict:
+  """{field: value} of the GPTConfig parameters among `fields` that gin binds."""
+  out = {}
+  for name in fields:
+    try:
+      out[name] = gin.query_parameter(f"GPTConfig.{name}")
+    except ValueError:
+      continue
+  return out
+
+
+def gin_binds_model() -> bool:
+  """Whether the parsed gin config binds the model's shape (a model gin file)."""
+  return bool(gin_bindings(SHAPE_FIELDS))
+
+
+def check_matches(model_dir, model_config: model.GPTConfig):
+  """UsageError naming the fields where `model_config` disagrees with MODEL_DIR's
+  model.json (nothing when there is none)."""
+  stored = read(model_dir)
+  if stored is None:
+    return
+  diff = differences(model_config, stored[0])
+  if diff:
+    raise UsageError(f"the model config does not match {model_dir}'s checkpoint "
+                     f"({MODEL_JSON}): {', '.join(diff)}")
+
+
+def resolve(model_dir, model_config: model.GPTConfig | None = None):
+  """(GPTConfig, vocabulary spec or None) for a command on MODEL_DIR's checkpoints:
+  model.json's config when gin binds no model (its run-time fields, such as
+  dtype, still taken from gin where bound), else gin's, checked against model.json.
+  `model_config` stands for gin's when given."""
+  stored = read(model_dir)
+  if model_config is None and stored is not None and not gin_binds_model():
+    run_fields = [f.name for f in dataclasses.fields(model.GPTConfig)
+                  if f.name not in SHAPE_FIELDS]
+    return dataclasses.replace(stored[0], **gin_bindings(run_fields)), stored[1]
+  model_config = model_config or model.GPTConfig()
+  if stored is not None:
+    check_matches(model_dir, model_config)
+  return model_config, None if stored is None else stored[1]
