@@ -69,11 +69,19 @@ def _parse_mesh(mesh):
 
 def load_model_dir(model_dir, step=None, partitioner=None, dtype=None):
   """(GPTConfig, params on the partitioner's mesh, vocabulary) of a MODEL_DIR's
-  checkpoint `step` (default latest); the config and vocabulary are the ones the
-  MODEL_DIR carries. dtype overrides the compute dtype."""
+  checkpoint `step` (default latest): the config and vocabulary it carries
+  (model.json; gin's where gin binds the model, checked against it). dtype
+  overrides the compute dtype."""
   import tasks
   from paxgpt import model_dir as model_dir_lib
-  config, vocab_spec = model_dir_lib.read(model_dir)
+  model_dir = os.fspath(model_dir)
+  if not os.path.isdir(checkpoint.checkpoint_dir(model_dir)):
+    raise UsageError(f"MODEL_DIR={model_dir!r} has no checkpoints (no "
+                     f"{checkpoint.CHECKPOINT_SUBDIR}/ directory)")
+  config, vocab_spec = model_dir_lib.resolve(model_dir)
+  if vocab_spec is None:
+    raise UsageError(f"MODEL_DIR={model_dir!r} names no vocabulary (no "
+                     f"{model_dir_lib.MODEL_JSON}); few-shot prompts are text")
   if dtype:
     config = dataclasses.replace(config, dtype=str(dtype))
   vocab = tasks.get_vocabulary(vocab_spec)
@@ -129,6 +137,11 @@ class PaxGPTLM(TemplateLM):
                                              partitioner.tree_shardings(boxed))
     self._decoder = sampling.Decoder(config, params, partitioner, vocab.eos_id)
 
+  def set_params(self, params):
+    """Score new parameters of the same model (training), keeping the compiled
+    programs."""
+    self.params = self._decoder.params = params
+
   @classmethod
   def from_params(cls, config, params, vocabulary, partitioner, **kwargs):
     """An LM over parameters already on `partitioner`'s mesh (the training loop's)."""
@@ -144,7 +157,7 @@ class PaxGPTLM(TemplateLM):
   @property
   def prefix_token_id(self):
     # As the hf backend: BOS where the vocabulary has one, else EOS (GPT-2: both).
-    bos = self.vocab.bos_id
+    bos = getattr(self.vocab, "bos_id", None)
     return self.vocab.eos_id if bos is None or bos < 0 else bos
 
   @property
@@ -352,12 +365,18 @@ def task_manager(include_path=None, include_defaults=True):
   return _TASK_MANAGERS[key]
 
 
-def evaluate(lm, task_names, *, num_fewshot=None, limit=None, include_path=None,
-             log_samples=False, manager=None, seed=DEFAULT_SEED):
-  """The harness's simple_evaluate on `lm` (its results dict). Unknown task
-  names are a UsageError naming them."""
-  from lm_eval import evaluator
-  manager = manager or task_manager(include_path)
+def tasks_manager_for(task_names, include_path=None):
+  """A TaskManager that knows `task_names`: include_path's alone when it holds
+  them all (seconds faster), else with the harness's stock tasks."""
+  if include_path:
+    local = task_manager(include_path, include_defaults=False)
+    if all(local.match_tasks([t]) for t in task_names if t):
+      return local
+  return task_manager(include_path)
+
+
+def check_tasks(manager, task_names, include_path=None):
+  """The non-empty task names, each known to `manager` (else a UsageError)."""
   names = [t for t in task_names if t]
   if not names:
     raise UsageError("no lm-eval tasks given")
@@ -365,10 +384,37 @@ def evaluate(lm, task_names, *, num_fewshot=None, limit=None, include_path=None,
   if unknown:
     where = f" (with --include_path={include_path})" if include_path else ""
     raise UsageError(f"unknown lm-eval task {unknown[0]!r}{where}")
+  return names
+
+
+def evaluate(lm, task_names, *, num_fewshot=None, limit=None, include_path=None,
+             log_samples=False, manager=None, seed=DEFAULT_SEED):
+  """The harness's simple_evaluate on `lm` (its results dict). Unknown task
+  names are a UsageError naming them."""
+  from lm_eval import evaluator
+  manager = manager or tasks_manager_for(task_names, include_path)
+  names = check_tasks(manager, task_names, include_path)
   return evaluator.simple_evaluate(
       model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
       log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
       torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+
+
+def run(model_dir, task_names, *, num_fewshot=None, limit=None, include_path=None,
+        step=None, mesh=None, batch_size=16, output=None, log_samples=False):
+  """`paxgpt fewshot`: the task names are checked before the checkpoint is
+  loaded; the results dict (with per-request samples when log_samples) is
+  written to `output` as JSON when given. Returns the results dict."""
+  from lm_eval.utils import handle_non_serializable
+  manager = tasks_manager_for(task_names, include_path)
+  check_tasks(manager, task_names, include_path)
+  lm = PaxGPTLM(model_dir=model_dir, step=step, mesh=mesh, batch_size=batch_size)
+  results = evaluate(lm, task_names, num_fewshot=num_fewshot, limit=limit,
+                     log_samples=log_samples, manager=manager)
+  if output:
+    with open(output, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, default=handle_non_serializable, ensure_ascii=False)
+  return results
 
 
 def results_table(results):
