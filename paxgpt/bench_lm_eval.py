@@ -1,14 +1,14 @@
 """Log-likelihood requests per second: paxgpt against the harness's `hf` backend.
 
   python -m paxgpt.bench_lm_eval [--workdir=DIR] [--layers=4 --d_model=256 ...]
-      [--tasks=paxgpt_choice,paxgpt_lastword] [--num_fewshot=2] [--repeats=8]
-      [--batch_size=16]
+      [--tasks=paxgpt_choice,paxgpt_lastword] [--shots=0,1,2,3] [--batch_size=16]
 
 Builds a random GPT-Neo with transformers (a byte-level BPE trained on the local
 task data, the model saved with save_pretrained), imports it into a MODEL_DIR
 (`paxgpt import`), collects the loglikelihood requests of the local tasks
-(tasks/lm_eval/, `repeats` times over), and times both backends on the very same
-requests in one process, on this machine. It prints a table: requests, seconds
+(tasks/lm_eval/) with 0, 1, 2 and 3 examples per prompt (all distinct: both
+backends compute a repeated request once), and times both backends on the very
+same requests in one process, on this machine. It prints a table: requests, seconds
 (first call, compilation included, and a second call), requests per second, and
 the largest difference between the two backends' log-likelihoods.
 
@@ -94,16 +94,19 @@ def import_hf(hf_dir, model_dir):
   return model_dir
 
 
-def loglikelihood_instances(task_names, num_fewshot, repeats, include_path):
-  """The harness's own loglikelihood Instances of the tasks, `repeats` times."""
+def loglikelihood_instances(task_names, shots, include_path):
+  """The harness's own loglikelihood Instances of the tasks, for each number of
+  examples per prompt in `shots`."""
   from lm_eval.tasks import TaskManager, get_task_dict
-  manager = TaskManager(include_path=include_path)
+  manager = TaskManager(include_path=include_path, include_defaults=False)
   instances = []
-  for task in get_task_dict(task_names, manager).values():
-    task.set_config("num_fewshot", num_fewshot)
-    task.build_all_requests(rank=0, world_size=1)
-    instances += [i for i in task.instances if i.request_type == "loglikelihood"]
-  return instances * repeats
+  for k in shots:
+    for task in get_task_dict(task_names, manager).values():
+      task.set_config("num_fewshot", k)
+      task.set_fewshot_seed(seed=1234)
+      task.build_all_requests(rank=0, world_size=1)
+      instances += [i for i in task.instances if i.request_type == "loglikelihood"]
+  return instances
 
 
 def _time(fn):
@@ -121,8 +124,7 @@ def main(argv=None):
   parser.add_argument("--max_len", type=int, default=512)
   parser.add_argument("--window", type=int, default=64)
   parser.add_argument("--tasks", default="paxgpt_choice,paxgpt_lastword")
-  parser.add_argument("--num_fewshot", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=8)
+  parser.add_argument("--shots", default="0,1,2,3")
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--mesh", default="data:1+fsdp:1+tensor:1")
   args = parser.parse_args(argv)
@@ -140,7 +142,8 @@ def main(argv=None):
     write_tiny_gpt_neo(hf_dir, layers=args.layers, d_model=args.d_model, heads=args.heads,
                        max_len=args.max_len, window=args.window)
     import_hf(hf_dir, model_dir)
-  requests = loglikelihood_instances(args.tasks.split(","), args.num_fewshot, args.repeats,
+  shots = [int(k) for k in args.shots.split(",")]
+  requests = loglikelihood_instances(args.tasks.split(","), shots,
                                      os.path.join(REPO_ROOT, "tasks", "lm_eval"))
   pax = lm_eval_model.PaxGPTLM(model_dir=model_dir, mesh=args.mesh,
                                batch_size=args.batch_size, dtype="float32")
@@ -152,7 +155,7 @@ def main(argv=None):
     rows.append((name, first, second))
   diff = max(abs(a[0] - b[0]) for a, b in zip(*results.values()))
   n = len(requests)
-  print(f"\n{n} loglikelihood requests ({args.tasks}, {args.num_fewshot}-shot, x{args.repeats}); "
+  print(f"\n{n} loglikelihood requests ({args.tasks}, {args.shots} shots); "
         f"GPT-Neo {args.layers} layers x {args.d_model}, context {args.max_len}, float32, "
         f"batch {args.batch_size}; {jax.device_count()} JAX devices ({args.mesh}), "
         f"{os.cpu_count()} CPUs; largest |difference| {diff:.2e} nats\n")

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import gin
 import pytest
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -74,7 +75,10 @@ def pax_results(pax_lm):
 
 
 def _samples(results, task):
-  return sorted(results["samples"][task], key=lambda s: s["doc_id"])
+  """A task's per-document samples as JSON has them (tuples become lists), so
+  results read back from `--output` compare with those in memory."""
+  samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+  return json.loads(json.dumps(samples, default=str))
 
 
 def _assert_same_samples(ours, theirs, task, abs_tol):
@@ -87,7 +91,7 @@ def _assert_same_samples(ours, theirs, task, abs_tol):
       got, want = got[0], want[0]
       if isinstance(want, str):
         assert got == want
-      elif isinstance(want, (list, tuple)):  # (log-likelihood, is_greedy)
+      elif isinstance(want, list):  # (log-likelihood, is_greedy)
         assert got[0] == pytest.approx(want[0], abs=abs_tol)
         assert got[1] == want[1]
       else:  # a rolling document total: float32 sums over hundreds of tokens
@@ -150,10 +154,10 @@ def test_rolling_loglikelihood_matches_hf_backend(pax_lm, pax_results, hf_result
 
 def test_fewshot_command_on_8_devices_matches_one_device(neo, pax_results, tmp_path, capsys):
   output = tmp_path / "results.json"
-  code = main.main(["fewshot", f"--gin.MODEL_DIR='{neo[1]}'", f"--tasks={','.join(TASKS)}",
-                    "--num_fewshot=2", f"--include_path={TASK_DIR}",
-                    "--mesh=data:2,fsdp:2,tensor:2", "--batch_size=4", f"--output={output}",
-                    "--log_samples"])
+  code = _fewshot(f"--gin.MODEL_DIR='{neo[1]}'", f"--tasks={','.join(TASKS)}",
+                  "--num_fewshot=2", f"--include_path={TASK_DIR}",
+                  "--mesh=data:2,fsdp:2,tensor:2", "--batch_size=4", f"--output={output}",
+                  "--log_samples")
   assert code == 0
   table = capsys.readouterr().out
   assert "paxgpt_choice" in table and "acc_norm" in table
@@ -175,21 +179,31 @@ def test_lm_eval_command_line_resolves_paxgpt(neo):
   assert "paxgpt_lastword" in result.stdout and "perplexity" in result.stdout
 
 
+def _fewshot(*flags):
+  """`paxgpt fewshot FLAGS` in this process (gin cleared after: it locks)."""
+  try:
+    return main.main(["fewshot", *flags])
+  finally:
+    gin.clear_config()
+
+
 def _error_line(capsys):
+  """The one error line, last on stderr (after any of the harness's progress bars)."""
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("paxgpt: error: ")
-  return err[0]
+  errors = [line for line in err if line.startswith("paxgpt: error: ")]
+  assert len(errors) == 1 and err[-1] == errors[0]
+  return errors[0]
 
 
 def test_unknown_task_is_exit_2(neo, capsys):
-  code = main.main(["fewshot", f"--gin.MODEL_DIR='{neo[1]}'", "--tasks=paxgpt_lastword,nope",
-                    f"--include_path={TASK_DIR}"])
+  code = _fewshot(f"--gin.MODEL_DIR='{neo[1]}'", "--tasks=paxgpt_lastword,nope",
+                  f"--include_path={TASK_DIR}")
   assert code == 2 and "unknown lm-eval task 'nope'" in _error_line(capsys)
 
 
 def test_model_dir_without_checkpoint_is_exit_2(tmp_path, capsys):
-  code = main.main(["fewshot", f"--gin.MODEL_DIR='{tmp_path}'", "--tasks=paxgpt_lastword",
-                    f"--include_path={TASK_DIR}"])
+  code = _fewshot(f"--gin.MODEL_DIR='{tmp_path}'", "--tasks=paxgpt_lastword",
+                  f"--include_path={TASK_DIR}")
   assert code == 2 and "has no checkpoints" in _error_line(capsys)
 
 
@@ -203,8 +217,8 @@ def test_continuation_longer_than_the_context_is_exit_2(neo, tmp_path, capsys):
       f"    test: {rows}\noutput_type: loglikelihood\ntest_split: test\n"
       "doc_to_text: 'Start'\ndoc_to_target: \"{{text[5:]}}\"\ntarget_delimiter: ''\n"
       "metric_list:\n  - metric: acc\n")
-  code = main.main(["fewshot", f"--gin.MODEL_DIR='{neo[1]}'", "--tasks=paxgpt_too_long",
-                    f"--include_path={tmp_path}"])
+  code = _fewshot(f"--gin.MODEL_DIR='{neo[1]}'", "--tasks=paxgpt_too_long",
+                  f"--include_path={tmp_path}")
   line = _error_line(capsys)
   assert code == 2 and "longer than the model's context of 128" in line
 
