@@ -8,6 +8,8 @@ the GPU check use exactly the step that `paxgpt train` runs.
   new_state, metrics = step(state, batch)                            # state donated
   eval_step = make_eval_step(model_config, partitioner, params_shardings)
   evaluate_params(eval_step, params, batches)   # validation loss, perplexity, tokens
+  score_step = make_score_step(model_config, partitioner, params_shardings)
+  logprob, greedy = score_step(params, batch)   # per row: few-shot scoring (lm_eval_model.py)
 
 The step's input and output shardings come from the logical axis rules
 (Partitioner.tree_shardings on the boxed abstract state); the batch is split
@@ -170,6 +172,29 @@ def make_eval_step(model_config, partitioner, params_shardings):
     return aux["nll_sum"], aux["weight_sum"]
   batch_shardings = {k: partitioner.sharding(BATCH_NAMES) for k in BATCH_FEATURES}
   return ShardedStep(jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings),
+                             out_shardings=partitioner.replicated()), partitioner)
+
+
+def make_score_step(model_config, partitioner, params_shardings):
+  """Jitted `(params, batch) -> (logprob [B], greedy [B])`: per row, the summed
+  log-probability of the targets whose loss weight is 1, and whether each of
+  them is the argmax. The distribution is over real ids only: the padding id 0
+  never stands for text, so it takes no probability (the embedding's extra rows
+  already get PADDING_LOGIT)."""
+  apply = _model_fn(model_config, True)
+
+  def score_fn(params, batch):
+    logits = apply(params, batch, None)
+    logits = logits.at[..., 0].set(-jnp.inf)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    targets = batch["decoder_target_tokens"]
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    weights = batch["decoder_loss_weights"] > 0
+    logprob = jnp.sum(jnp.where(weights, picked, 0.0), axis=-1)
+    greedy = jnp.all(~weights | (jnp.argmax(logits, axis=-1) == targets), axis=-1)
+    return logprob, greedy
+  batch_shardings = {k: partitioner.sharding(BATCH_NAMES) for k in BATCH_FEATURES}
+  return ShardedStep(jax.jit(score_fn, in_shardings=(params_shardings, batch_shardings),
                              out_shardings=partitioner.replicated()), partitioner)
 
 

@@ -53,6 +53,10 @@ class TrainConfig:
   report_baseline: fit the byte 4-gram baseline (paxgpt/baseline.py) and log
     its validation cross-entropy next to the model's.
   jax_smi: track device memory with jax-smi.
+  fewshot_tasks: lm-evaluation-harness tasks scored every `fewshot_every` steps
+    (0: only at the end) and logged as fewshot/TASK/METRIC next to the
+    validation loss; fewshot_num_fewshot (None: each task's default),
+    fewshot_limit (documents per task), fewshot_include_path (task YAMLs).
   """
   num_steps: int = 1000
   train_tokens: float | None = None
@@ -68,13 +72,20 @@ class TrainConfig:
   time_limit_s: float | None = None
   report_baseline: bool = False
   jax_smi: bool = False
+  fewshot_tasks: tuple = ()
+  fewshot_every: int = 0
+  fewshot_num_fewshot: int | None = None
+  fewshot_limit: float | None = None
+  fewshot_include_path: str | None = None
 
   def __post_init__(self):
     for name in ("num_steps", "num_microbatches", "batch_units", "log_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
-    if self.eval_every < 0:
-      raise ValueError(f"TrainConfig.eval_every={self.eval_every} must be >= 0")
+    for name in ("eval_every", "fewshot_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+    object.__setattr__(self, "fewshot_tasks", tuple(self.fewshot_tasks))
 
 
 class _SigtermFlag:
@@ -180,6 +191,12 @@ class _Run:
                                                       self.data_config.sequence_length)
     self.chip = accounting.chip_of(jax.devices()[0])
     self.is_chief = jax.process_index() == 0
+    self._fewshot_lm = None
+    if train_config.fewshot_tasks:  # a typo fails now, not after hours of training
+      from paxgpt import lm_eval_model
+      lm_eval_model.check_tasks(lm_eval_model.tasks_manager_for(
+          train_config.fewshot_tasks, train_config.fewshot_include_path),
+          train_config.fewshot_tasks, train_config.fewshot_include_path)
 
   def step_fn(self, units):
     if units not in self._steps:
@@ -223,6 +240,20 @@ class _Run:
   def validate(self, params):
     batches = self.data_lib.eval_batches(self.data_config, self.partitioner)
     return evaluate_params(self.eval_step, params, batches)
+
+  def fewshot(self, params):
+    """{'fewshot/TASK/METRIC': value}: the harness's scores of `params`
+    (paxgpt/lm_eval_model.py), one adapter kept so programs compile once."""
+    from paxgpt import lm_eval_model
+    if self._fewshot_lm is None:
+      self._fewshot_lm = lm_eval_model.PaxGPTLM.from_params(
+          self.model_config, params, data_lib.get_vocabulary(self.data_config),
+          self.partitioner)
+    self._fewshot_lm.set_params(params)
+    results = lm_eval_model.evaluate(
+        self._fewshot_lm, self.cfg.fewshot_tasks, num_fewshot=self.cfg.fewshot_num_fewshot,
+        limit=self.cfg.fewshot_limit, include_path=self.cfg.fewshot_include_path)
+    return {f"fewshot/{k}": v for k, v in lm_eval_model.scalar_metrics(results).items()}
 
   def save(self, state, step, validation_loss):
     self.checkpointer.save(step, state, self.data.state(), validation_loss)
@@ -318,7 +349,9 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
         sigterm.raised, bool(cfg.time_limit_s) and time.time() - start_time > cfg.time_limit_s)
     is_last = step == cfg.num_steps or out_of_time
     evaluate = is_last or (cfg.eval_every and step % cfg.eval_every == 0)
-    log = is_last or evaluate or step % cfg.log_every == 0
+    fewshot = bool(cfg.fewshot_tasks) and (
+        is_last or (cfg.fewshot_every and step % cfg.fewshot_every == 0))
+    log = is_last or evaluate or fewshot or step % cfg.log_every == 0
     save = is_last or stop or step % run.checkpointer.config.save_every_steps == 0
     if log or save:  # never log or save a state whose loss is not finite
       summary["loss"] = _check_finite(*pending)
@@ -328,6 +361,8 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
     record = run.validate(state.params) if evaluate else {}
     if evaluate:
       validation_loss = summary["validation_loss"] = record["validation_loss"]
+    if fewshot:
+      record.update(run.fewshot(state.params))
     if log:
       record.update({k: float(v) for k, v in metrics.items()})
       record.update({

@@ -92,3 +92,22 @@ def export(args):
                          mesh=sharding.mesh_from_flag(args.mesh))
   print(json.dumps(summary), flush=True)
   return 0
+
+
+def fewshot(args):
+  """`paxgpt fewshot`: the harness's zero-/few-shot scores of MODEL_DIR's
+  checkpoint (paxgpt/lm_eval_model.py); prints the harness's results table."""
+  import gin
+  from paxgpt import lm_eval_model, sharding
+  from paxgpt.errors import UsageError
+  try:
+    model_dir = gin.query_parameter("%MODEL_DIR")
+  except ValueError:
+    raise UsageError("paxgpt fewshot needs --gin.MODEL_DIR=\"'DIR'\"") from None
+  results = lm_eval_model.run(
+      model_dir, args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
+      include_path=args.include_path, step=args.step, mesh=sharding.mesh_from_flag(args.mesh),
+      batch_size=args.batch_size, output=args.output, log_samples=args.log_samples)
+  if _is_chief():
+    print(lm_eval_model.results_table(results), flush=True)
+  return 0

@@ -2,7 +2,7 @@
 
   paxgpt COMMAND --gin_file=FILE [--gin_file=...] [--gin.NAME=VALUE ...] [flags]
 
-Commands: train, eval, sample, info, plan, vocab, import, export. eval and
+Commands: train, eval, sample, info, plan, vocab, import, export, fewshot. eval and
 sample without --gin_file use gin/runs/eval.gin / sample.gin and the model
 config that MODEL_DIR carries (model.json). Gin files are looked up
 relative to the working directory, then to the paxgpt checkout.
@@ -101,6 +101,26 @@ COMMANDS = {
                              ("--hf_dir", dict(required=True, help="new transformers directory")),
                              ("--step", dict(type=int, default=None,
                                              help="checkpoint step (default latest)")))),
+    "fewshot": Command("fewshot",
+                       "zero-/few-shot scores of a checkpoint with lm-evaluation-harness tasks",
+                       default_gin=(),
+                       flags=(MESH_FLAG,
+                              ("--tasks", dict(required=True,
+                                               help="comma-separated lm-eval task names")),
+                              ("--num_fewshot", dict(type=int, default=None,
+                                                     help="examples in each prompt (default: "
+                                                          "the task's)")),
+                              ("--limit", dict(type=float, default=None,
+                                               help="documents per task (< 1: a fraction)")),
+                              ("--include_path", dict(default=None,
+                                                      help="directory of extra task YAMLs")),
+                              ("--output", dict(default=None, help="results JSON file")),
+                              ("--log_samples", dict(action="store_true",
+                                                     help="per-request results in --output")),
+                              ("--batch_size", dict(type=int, default=16,
+                                                    help="rows per forward pass (default 16)")),
+                              ("--step", dict(type=int, default=None,
+                                              help="checkpoint step (default latest)")))),
 }
 
 # Commands that run on every process of a multi-host run (paxgpt/distributed.py).
