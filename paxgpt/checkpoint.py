@@ -23,7 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from paxgpt.errors import UsageError
+from paxgpt.config import check_types
+from paxgpt.errors import ConfigError, UsageError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("params", "opt_state", "data", "meta")
@@ -42,9 +43,10 @@ class CheckpointConfig:
   async_save: bool = True
 
   def __post_init__(self):
-    if self.save_every_steps < 1 or self.keep < 1 or self.keep_best < 0:
-      raise ValueError(f"CheckpointConfig: save_every_steps={self.save_every_steps} and "
-                       f"keep={self.keep} must be >= 1, keep_best={self.keep_best} >= 0")
+    check_types(self)
+    for name, low in (("save_every_steps", 1), ("keep", 1), ("keep_best", 0)):
+      if getattr(self, name) < low:
+        raise ConfigError(f"CheckpointConfig.{name}={getattr(self, name)} must be >= {low}")
 
 
 def checkpoint_dir(model_dir) -> str:

@@ -1,4 +1,19 @@
-"""Where training metrics go: a progress line, TensorBoard, MODEL_DIR/metrics.jsonl.
+"""Where training metrics go: a progress line, TensorBoard, MODEL_DIR/metrics.jsonl;
+and `Progress`, the progress bar of every long command.
+
+  writer = MetricsWriter(model_dir, total_steps)
+  writer.resumed(step)     # after a resume: see below
+  writer.write(step, values); writer.message(text); writer.close()
+  with Progress(total, "sample", unit="prompts") as bar: bar.update(n)
+
+On a terminal the progress (training's status line, `Progress`) is a bar
+rewritten in place with the rate and the time left; into a file or pipe it is
+plain lines (training's) or nothing (`Progress`), so logs stay readable.
+
+metrics.jsonl holds one record per logged step, in step order: a resumed run
+first drops the records past the checkpoint it resumed from (the previous
+attempt's, which training repeats) and appends a marker
+{"step": S, "event": "resumed"}; `read_metrics` skips markers unless asked.
 
 Only one process (process 0) writes; the others get a writer that does
 nothing. TensorBoard event files are written with tensorboard's own record
@@ -52,23 +67,96 @@ def _format(value):
   return str(value)
 
 
+def _duration(seconds):
+  seconds = int(seconds)
+  hours, rest = divmod(seconds, 3600)
+  minutes = f"{rest // 60:02d}:{rest % 60:02d}"
+  return f"{hours}:{minutes}" if hours else minutes
+
+
+def _is_tty(stream):
+  return hasattr(stream, "isatty") and stream.isatty()
+
+
+class _Rate:
+  """Items per second since the first update (a resumed run starts counting at
+  its first step, not at zero) and the time left to `total`."""
+
+  def __init__(self, total):
+    self.total, self._start = total, None
+
+  def update(self, done, now=None):
+    now = time.monotonic() if now is None else now
+    if self._start is None:
+      self._start = (now, done)
+      return None, None
+    seconds, items = now - self._start[0], done - self._start[1]
+    if seconds <= 0 or items <= 0:
+      return None, None
+    rate = items / seconds
+    return rate, max(self.total - done, 0) / rate
+
+
+def _bar(done, total, width=20):
+  filled = int(width * min(done / max(total, 1), 1))
+  return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+class Progress:
+  """A progress bar with rate and time left, on a terminal only (stderr by
+  default); elsewhere it prints nothing. For eval, sample, import or any loop
+  over a known number of items.
+
+    with Progress(total, "sample", unit="prompts") as bar:
+      for ...: bar.update(1)
+  """
+
+  def __init__(self, total, label, unit="items", stream=None):
+    self.total, self.label, self.unit = total, label, unit
+    self.stream = stream or sys.stderr
+    self.tty = _is_tty(self.stream)
+    self.done = 0
+    self._rate = _Rate(total)
+    self._rate.update(0)
+
+  def update(self, n=1):
+    self.done += n
+    if not self.tty:
+      return
+    rate, left = self._rate.update(self.done)
+    speed = "" if rate is None else f" {rate:.3g} {self.unit}/s, {_duration(left)} left"
+    self.stream.write(f"\r\033[K{self.label} {_bar(self.done, self.total)} "
+                      f"{self.done}/{self.total}{speed}")
+    self.stream.flush()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.tty and self.done:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
 class ProgressLine:
-  """A status line rewritten in place on a terminal; plain lines otherwise."""
+  """A status line rewritten in place on a terminal (a bar, steps per second
+  and the time left); plain lines otherwise."""
 
   SHOWN = ("loss", "validation_loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu")
 
   def __init__(self, total_steps, stream=None):
     self.total_steps = total_steps
     self.stream = stream or sys.stdout
-    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.tty = _is_tty(self.stream)
+    self._rate = _Rate(total_steps)
 
   def update(self, step, values):
     width = len(str(self.total_steps))
-    done = step / max(self.total_steps, 1)
     bar = ""
     if self.tty:
-      filled = int(20 * done)
-      bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+      rate, left = self._rate.update(step)
+      speed = "" if rate is None else f" {rate:.3g} steps/s, {_duration(left)} left"
+      bar = f"{_bar(step, self.total_steps)}{speed} "
     parts = [f"{k}={_format(values[k])}" for k in self.SHOWN if values.get(k) is not None]
     line = f"{bar}step {step:>{width}}/{self.total_steps} " + " ".join(parts)
     if self.tty:
@@ -101,6 +189,24 @@ class MetricsWriter:
     self._tensorboard = TensorBoardWriter(os.path.join(model_dir, TENSORBOARD_SUBDIR))
     self.progress = ProgressLine(total_steps, stream)
 
+  def resumed(self, step):
+    """Drop the records past `step` (a previous attempt's, which the resumed run
+    repeats) and mark the resume, so that metrics.jsonl reads in step order."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    with open(self.jsonl_path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    marker = {"step": int(step), "event": "resumed", "dropped_records": len(lines) - len(kept)}
+    temporary = self.jsonl_path + ".tmp"
+    with open(temporary, "w") as f:
+      f.writelines(kept)
+      f.write(json.dumps(marker) + "\n")
+    os.replace(temporary, self.jsonl_path)
+    self._jsonl = open(self.jsonl_path, "a")
+    self.progress._rate = _Rate(self.progress.total_steps)  # rate from here on
+
   def write(self, step, values):
     if not self.enabled:
       return
@@ -121,7 +227,9 @@ class MetricsWriter:
       self.progress.close()
 
 
-def read_metrics(model_dir):
-  """The records of MODEL_DIR/metrics.jsonl, in order (for tests and reports)."""
+def read_metrics(model_dir, events=False):
+  """The records of MODEL_DIR/metrics.jsonl, in order (for tests and reports);
+  with `events`, the resume markers too."""
   with open(os.path.join(model_dir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if events or "event" not in r]

@@ -32,7 +32,8 @@ import jax
 
 import tasks
 from paxgpt import checkpoint, data, model, sampling, sharding
-from paxgpt.errors import UsageError
+from paxgpt.config import check_types
+from paxgpt.errors import ConfigError, UsageError
 
 MAX_SEED = 2**31 - 1
 
@@ -61,9 +62,10 @@ class SampleConfig:
   vocabulary: str | None = None
 
   def __post_init__(self):
+    check_types(self)
     for name in ("batch_size", "max_tokens", "prompt_bucket", "stop_check_every"):
       if getattr(self, name) < 1:
-        raise UsageError(f"SampleConfig.{name}={getattr(self, name)} must be >= 1")
+        raise ConfigError(f"SampleConfig.{name}={getattr(self, name)} must be >= 1")
 
 
 class RequestError(ValueError):

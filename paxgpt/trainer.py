@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxgpt import accounting, checkpoint, model, optim, sharding
+from paxgpt import accounting, checkpoint, model, optim, run_lock, sharding
 from paxgpt import data as data_lib
-from paxgpt.errors import UsageError
+from paxgpt.config import check_types
+from paxgpt.errors import ConfigError, RunDirBusyError, UsageError
 from paxgpt.metrics import MetricsWriter
+from paxgpt.run_lock import RunLock
 from paxgpt.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
                                evaluate_params, make_eval_step, make_train_step)
 
@@ -70,11 +72,12 @@ class TrainConfig:
   jax_smi: bool = False
 
   def __post_init__(self):
+    check_types(self)
     for name in ("num_steps", "num_microbatches", "batch_units", "log_every"):
       if getattr(self, name) < 1:
-        raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
     if self.eval_every < 0:
-      raise ValueError(f"TrainConfig.eval_every={self.eval_every} must be >= 0")
+      raise ConfigError(f"TrainConfig.eval_every={self.eval_every} must be >= 0")
 
 
 class _SigtermFlag:
@@ -247,13 +250,35 @@ def train(model_dir=gin.REQUIRED, *, mesh=None, on_step=None, model_config=None,
   sharding.make_mesh(). `on_step(step)` is called after each step (tests use
   it). Returns {"step", "loss", "validation_loss", "wall_s", "stopped_by"}.
   """
-  with _SigtermFlag() as sigterm:  # from the start: a SIGTERM while compiling counts too
-    return _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config,
-                  train_config, checkpoint_config, sigterm)
+  lock = _lock_model_dir(model_dir)  # before Orbax, which cleans up others' temp dirs
+  try:
+    with _SigtermFlag() as sigterm:  # from the start: a SIGTERM while compiling counts too
+      return _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config,
+                    train_config, checkpoint_config, sigterm, lock)
+  finally:
+    lock.release()
+
+
+def _lock_model_dir(model_dir):
+  """Process 0 takes MODEL_DIR's lock (paxgpt/run_lock.py); every process learns
+  the outcome, so all of a refused multi-host run stop."""
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = RunLock.acquire(model_dir)
+    except UsageError as e:
+      refused = e
+  (any_refused,) = _any_process(refused is not None)
+  if refused is not None:
+    raise refused
+  if any_refused:
+    raise RunDirBusyError(f"MODEL_DIR={os.fspath(model_dir)!r}: process 0 could not take "
+                          f"the run's lock")
+  return lock or RunLock(None, None, None)
 
 
 def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config,
-           train_config, checkpoint_config, sigterm):
+           train_config, checkpoint_config, sigterm, lock):
   start_time = time.time()
   cfg = train_config or TrainConfig()
   model_config = model_config or model.GPTConfig()
@@ -263,6 +288,9 @@ def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config
              checkpoint_config or checkpoint.CheckpointConfig(), partitioner)
   cfg = run.cfg  # with num_steps resolved from train_tokens
   writer = MetricsWriter(run.model_dir, cfg.num_steps, enabled=run.is_chief)
+  if lock.stale:
+    writer.message(f"took over the lock of a run that ended without releasing it "
+                   f"({run_lock.describe(lock.stale)})")
   if cfg.jax_smi and run.is_chief:
     import jax_smi
     jax_smi.initialise_tracking()
@@ -278,6 +306,7 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
   step = int(state.step)
   if step:
     writer.message(f"resumed from {run.checkpointer.directory} at step {step}")
+    writer.resumed(step)
   baseline = None
   if cfg.report_baseline and run.is_chief:
     from paxgpt.baseline import BackgroundBaseline
