@@ -1,14 +1,12 @@
-"""Where training metrics go: a progress line, TensorBoard, MODEL_DIR/metrics.jsonl;
-and `Progress`, the progress bar of every long command.
+"""Where training metrics go: a progress line, TensorBoard, MODEL_DIR/metrics.jsonl.
 
   writer = MetricsWriter(model_dir, total_steps)
   writer.resumed(step)     # after a resume: see below
   writer.write(step, values); writer.message(text); writer.close()
-  with Progress(total, "sample", unit="prompts") as bar: bar.update(n)
 
-On a terminal the progress (training's status line, `Progress`) is a bar
-rewritten in place with the rate and the time left; into a file or pipe it is
-plain lines (training's) or nothing (`Progress`), so logs stay readable.
+On a terminal the status line is a bar rewritten in place with steps per second
+and the time left (paxgpt/progress.py); into a file or pipe it is plain lines,
+so logs stay readable.
 
 metrics.jsonl holds one record per logged step, in step order: a resumed run
 first drops the records past the checkpoint it resumed from (the previous
@@ -31,6 +29,8 @@ import time
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+from paxgpt.progress import Rate, bar, duration, is_tty
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -67,77 +67,6 @@ def _format(value):
   return str(value)
 
 
-def _duration(seconds):
-  seconds = int(seconds)
-  hours, rest = divmod(seconds, 3600)
-  minutes = f"{rest // 60:02d}:{rest % 60:02d}"
-  return f"{hours}:{minutes}" if hours else minutes
-
-
-def _is_tty(stream):
-  return hasattr(stream, "isatty") and stream.isatty()
-
-
-class _Rate:
-  """Items per second since the first update (a resumed run starts counting at
-  its first step, not at zero) and the time left to `total`."""
-
-  def __init__(self, total):
-    self.total, self._start = total, None
-
-  def update(self, done, now=None):
-    now = time.monotonic() if now is None else now
-    if self._start is None:
-      self._start = (now, done)
-      return None, None
-    seconds, items = now - self._start[0], done - self._start[1]
-    if seconds <= 0 or items <= 0:
-      return None, None
-    rate = items / seconds
-    return rate, max(self.total - done, 0) / rate
-
-
-def _bar(done, total, width=20):
-  filled = int(width * min(done / max(total, 1), 1))
-  return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-class Progress:
-  """A progress bar with rate and time left, on a terminal only (stderr by
-  default); elsewhere it prints nothing. For eval, sample, import or any loop
-  over a known number of items.
-
-    with Progress(total, "sample", unit="prompts") as bar:
-      for ...: bar.update(1)
-  """
-
-  def __init__(self, total, label, unit="items", stream=None):
-    self.total, self.label, self.unit = total, label, unit
-    self.stream = stream or sys.stderr
-    self.tty = _is_tty(self.stream)
-    self.done = 0
-    self._rate = _Rate(total)
-    self._rate.update(0)
-
-  def update(self, n=1):
-    self.done += n
-    if not self.tty:
-      return
-    rate, left = self._rate.update(self.done)
-    speed = "" if rate is None else f" {rate:.3g} {self.unit}/s, {_duration(left)} left"
-    self.stream.write(f"\r\033[K{self.label} {_bar(self.done, self.total)} "
-                      f"{self.done}/{self.total}{speed}")
-    self.stream.flush()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    if self.tty and self.done:
-      self.stream.write("\n")
-      self.stream.flush()
-
-
 class ProgressLine:
   """A status line rewritten in place on a terminal (a bar, steps per second
   and the time left); plain lines otherwise."""
@@ -147,18 +76,25 @@ class ProgressLine:
   def __init__(self, total_steps, stream=None):
     self.total_steps = total_steps
     self.stream = stream or sys.stdout
-    self.tty = _is_tty(self.stream)
-    self._rate = _Rate(total_steps)
+    self.tty = is_tty(self.stream)
+    self._rate = Rate(total_steps)
+    self._values = {}
+
+  def tick(self, step):
+    """Redraw the bar at `step` with the last values shown (terminal only)."""
+    if self.tty:
+      self.update(step, self._values)
 
   def update(self, step, values):
+    self._values = values
     width = len(str(self.total_steps))
-    bar = ""
+    shown = ""
     if self.tty:
       rate, left = self._rate.update(step)
-      speed = "" if rate is None else f" {rate:.3g} steps/s, {_duration(left)} left"
-      bar = f"{_bar(step, self.total_steps)}{speed} "
+      speed = "" if rate is None else f" {rate:.3g} steps/s, {duration(left)} left"
+      shown = f"{bar(step, self.total_steps)}{speed} "
     parts = [f"{k}={_format(values[k])}" for k in self.SHOWN if values.get(k) is not None]
-    line = f"{bar}step {step:>{width}}/{self.total_steps} " + " ".join(parts)
+    line = f"{shown}step {step:>{width}}/{self.total_steps} " + " ".join(parts)
     if self.tty:
       self.stream.write("\r\033[K" + line)
     else:
@@ -205,7 +141,12 @@ class MetricsWriter:
       f.write(json.dumps(marker) + "\n")
     os.replace(temporary, self.jsonl_path)
     self._jsonl = open(self.jsonl_path, "a")
-    self.progress._rate = _Rate(self.progress.total_steps)  # rate from here on
+    self.progress._rate = Rate(self.progress.total_steps)  # rate from here on
+
+  def tick(self, step):
+    """Every step: moves the terminal's bar (no record is written)."""
+    if self.enabled:
+      self.progress.tick(step)
 
   def write(self, step, values):
     if not self.enabled:

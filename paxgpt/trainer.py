@@ -202,17 +202,17 @@ class _Run:
     """(state, validation_loss) from MODEL_DIR's latest checkpoint, else from
     init_from's parameters, else freshly initialised."""
     abstract = self.partitioner.abstract(self.abstract)
-    latest = self.checkpointer.latest_step()
+    latest, restored, self.skipped = self.checkpointer.restore_newest(abstract.params,
+                                                                     abstract.opt_state)
     if latest is not None:
-      params, opt_state, data_state, meta = self.checkpointer.restore(
-          latest, abstract.params, abstract.opt_state)
+      params, opt_state, data_state, meta = restored
       self.data.restore(data_state)
       step = jax.device_put(jnp.int32(latest), self.shardings.step)
       return TrainState(params, opt_state, step), meta.get("validation_loss")
     init_opt = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)
     if self.cfg.init_from:
       params = checkpoint.restore_params(self.cfg.init_from, abstract.params,
-                                         self.cfg.init_step)
+                                         self.cfg.init_step, "TrainConfig.init_step")
     else:
       gpt = model.GPT(self.model_config)
       tokens = jnp.zeros((1, min(8, self.model_config.max_len)), jnp.int32)
@@ -304,6 +304,8 @@ def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config
 def _loop(run, writer, cfg, start_time, on_step, sigterm):
   state, validation_loss = run.initial_state()
   step = int(state.step)
+  for error in run.skipped:
+    writer.message(f"skipped: {error}; moved to {checkpoint.UNRESTORABLE_SUBDIR}/")
   if step:
     writer.message(f"resumed from {run.checkpointer.directory} at step {step}")
     writer.resumed(step)
@@ -323,6 +325,8 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
       _check_finite(*pending)
     step += 1
     pending = (step, metrics)
+    writer.tick(step)
+    run.checkpointer.check()  # a failed background save is reported at once
     interval_tokens += units * run.data_config.batch_size * run.data_config.sequence_length
     if on_step is not None:
       on_step(step)

@@ -182,12 +182,13 @@ def _explain_gin_error(error, bindings):
 
 
 def quiet_start_up():
-  """Hide the absl WARNINGs (Orbax's read-only checkpoint managers) and the
-  Python loggers' notes; `start_up_logs_hidden` hides the C++ ones."""
+  """Hide absl's log lines (Orbax's warnings about read-only checkpoint managers,
+  its pages of errors for a failed save, which paxgpt reports in one line) and
+  the Python loggers' notes; `start_up_logs_hidden` hides the C++ ones."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import logging
   from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.ERROR)
+  absl_logging.set_verbosity(absl_logging.FATAL)
   for name in ("jax", "orbax", "tensorflow"):
     logging.getLogger(name).setLevel(logging.ERROR)
 
