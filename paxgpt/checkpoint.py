@@ -12,20 +12,38 @@ temporary directory, which is never taken for a checkpoint, so a restart
 resumes from the last complete one. Restoring takes abstract arrays carrying
 the target shardings, so a checkpoint written under one mesh restores under
 another.
+
+Failures are one line (paxgpt/errors.py):
+  - a save that fails in the background (a full disk) raises RunError naming
+    the step, the path and the errno at the next `check()` (trainer.py calls it
+    every step); the checkpoints before it are kept, and its temporary directory
+    (never taken for a checkpoint) is removed then and at `close()`;
+  - a checkpoint that cannot be restored (corrupt or truncated files, an empty
+    JSON item) raises CheckpointError naming the checkpoint and the innermost
+    cause Orbax reported; one written for another model shape raises
+    ShapeMismatchError naming the parameter and both shapes. `restore_newest`
+    (training's resume) skips the unrestorable ones, newest first, and moves
+    them to MODEL_DIR/unrestorable_checkpoints/.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import os
+import shutil
 
 import gin
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from paxgpt.errors import UsageError
+from paxgpt.config import check_types
+from paxgpt.errors import CheckpointError, ConfigError, RunError, UsageError
 
 CHECKPOINT_SUBDIR = "checkpoints"
+UNRESTORABLE_SUBDIR = "unrestorable_checkpoints"
 ITEMS = ("params", "opt_state", "data", "meta")
 
 
@@ -42,9 +60,10 @@ class CheckpointConfig:
   async_save: bool = True
 
   def __post_init__(self):
-    if self.save_every_steps < 1 or self.keep < 1 or self.keep_best < 0:
-      raise ValueError(f"CheckpointConfig: save_every_steps={self.save_every_steps} and "
-                       f"keep={self.keep} must be >= 1, keep_best={self.keep_best} >= 0")
+    check_types(self)
+    for name, low in (("save_every_steps", 1), ("keep", 1), ("keep_best", 0)):
+      if getattr(self, name) < low:
+        raise ConfigError(f"CheckpointConfig.{name}={getattr(self, name)} must be >= {low}")
 
 
 def checkpoint_dir(model_dir) -> str:
@@ -58,6 +77,63 @@ def checkpoint_dir(model_dir) -> str:
 
 def _validation_loss(metrics):
   return metrics["validation_loss"]
+
+
+class ShapeMismatchError(CheckpointError):
+  """A checkpoint written for another model shape than the config's."""
+
+
+def _cause(error):
+  """The innermost message of an exception chain: Orbax wraps the real cause
+  (ZSTD_decompressStream() failed, a byte range past the end of a file, a JSON
+  decode error, ENOSPC) in pages of TensorStore specs."""
+  deepest, seen = error, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if not isinstance(error, (StopIteration, StopAsyncIteration)) and str(error).strip():
+      deepest = error
+    error = error.__cause__ or error.__context__
+  text = " ".join(str(deepest).split())
+  if type(deepest).__name__ not in ("Exception", "ValueError", "RuntimeError", "OSError"):
+    text = f"{type(deepest).__name__}: {text}"
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _leaf_name(path):
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _shape_mismatch(params_dir, abstract_params):
+  """The first parameter whose stored shape differs from `abstract_params`'s, as
+  text; None when they agree or the metadata cannot be read."""
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(params_dir))
+  except Exception:  # pylint: disable=broad-except  (the restore error says why)
+    return None
+  have = {_leaf_name(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+  want = {_leaf_name(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  for name, shape in want.items():
+    if name not in have:
+      return f"parameter {name} is not in the checkpoint"
+    if have[name] != shape:
+      return f"parameter {name} is {have[name]} in the checkpoint but {shape} in the config"
+  extra = sorted(set(have) - set(want))
+  return f"the checkpoint has parameter {extra[0]}, which the config lacks" if extra else None
+
+
+def restore_error(directory, step, error, abstract_params=None):
+  """The CheckpointError (or ShapeMismatchError) for a failed restore of `step`."""
+  path = os.path.join(directory, str(step))
+  if isinstance(error, CheckpointError):
+    return error
+  if abstract_params is not None:
+    mismatch = _shape_mismatch(os.path.join(path, "params"), abstract_params)
+    if mismatch:
+      return ShapeMismatchError(f"checkpoint {path} was written by another model shape: "
+                                f"{mismatch}")
+  return CheckpointError(f"checkpoint {path} cannot be restored: {_cause(error)}")
 
 
 class Checkpointer:
@@ -78,6 +154,8 @@ class Checkpointer:
         preservation_policy=policies.AnyPreservationPolicy(preserve),
         cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._last_save = None
+    self._failed = False
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -89,31 +167,115 @@ class Checkpointer:
     """Start an asynchronous save of `state` (a TrainState) at `step`."""
     meta = {"step": int(step), "validation_loss": validation_loss}
     metrics = None if validation_loss is None else {"validation_loss": float(validation_loss)}
-    self.manager.save(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+    with self._save_errors():  # Orbax first waits for the previous save: it may fail here
+      self.manager.save(int(step), args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state.params),
+          opt_state=ocp.args.StandardSave(state.opt_state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+    self._last_save = int(step)
+
+  def check(self):
+    """Raise RunError if the background save has failed (cheap: call every step)."""
+    with self._save_errors():
+      self.manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    try:
+      yield
+    except RunError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
+      raise self._save_failed(e) from None
+
+  def _save_failed(self, error):
+    """RunError naming the failed save; its temporary directory is removed (the
+    checkpoints before it were never touched)."""
+    self._failed = True
+    step = self._last_save
+    try:  # let the save's other writes end before its directory is removed
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  (the same failure)
+      pass
+    self._remove_temporary(step)
+    kept = [s for s in self.all_steps() if s != step]
+    return RunError(f"saving checkpoint {step} to {os.path.join(self.directory, str(step))} "
+                    f"failed: {_cause(error)}; kept checkpoints: {sorted(kept)}")
 
   def restore(self, step, abstract_params, abstract_opt_state):
     """(params, opt_state, data_state, meta) of checkpoint `step`, placed on the
     shardings carried by the abstract (ShapeDtypeStruct) trees."""
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params),
-        opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(int(step), args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params),
+          opt_state=ocp.args.StandardRestore(abstract_opt_state),
+          data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
+      raise restore_error(self.directory, step, e, abstract_params) from None
     return restored.params, restored.opt_state, restored.data, restored.meta
 
+  def restore_newest(self, abstract_params, abstract_opt_state):
+    """(step, (params, opt_state, data_state, meta), skipped) of the newest
+    checkpoint that restores; None for the step and state when there is none.
+    `skipped` lists the CheckpointErrors of newer ones, which are moved to
+    MODEL_DIR/unrestorable_checkpoints/ so that saves can reuse their steps.
+    A shape mismatch is raised, not skipped: it is the config that is wrong."""
+    skipped = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, abstract_params, abstract_opt_state)
+      except ShapeMismatchError:
+        raise
+      except CheckpointError as e:
+        skipped.append((step, e))
+        continue
+      self._set_aside([s for s, _ in skipped])
+      return step, restored, [e for _, e in skipped]
+    if skipped:
+      raise skipped[0][1]
+    return None, None, []
+
+  def _set_aside(self, steps):
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), UNRESTORABLE_SUBDIR)
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        while os.path.exists(target):
+          target += "_"
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("paxgpt: unrestorable checkpoints set aside")
+    self.manager.reload()
+
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
+
+  def _remove_temporary(self, step):
+    if jax.process_index() == 0:
+      for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    except RunError:
+      if not self._failed:
+        raise
+      # already reported by check() or save()
+    finally:
+      self.manager.close()
+      if self._failed:  # writes still in flight when the failure was seen are over now
+        self._remove_temporary(self._last_save)
 
 
-def restore_params(directory, abstract_params, step=None):
+def restore_params(directory, abstract_params, step=None, step_flag="--step"):
   """The parameters of a run's checkpoint, placed on `shardings`.
 
   directory: a MODEL_DIR (or its checkpoints/ subdirectory).
@@ -121,7 +283,9 @@ def restore_params(directory, abstract_params, step=None):
     carrying the sharding to restore onto (Partitioner.abstract), on any mesh:
     the restore reshards.
   step: the checkpoint step; None for the latest.
-  Raises UsageError when there is no (such) checkpoint.
+  step_flag: how the user chooses the step, for the error message.
+  Raises UsageError when there is no (such) checkpoint, CheckpointError when it
+  cannot be restored (naming the saved steps).
   """
   directory = os.fspath(directory)
   if os.path.basename(os.path.normpath(directory)) == CHECKPOINT_SUBDIR:
@@ -131,38 +295,17 @@ def restore_params(directory, abstract_params, step=None):
   checkpointer = Checkpointer(directory, read_only=True)
   try:
     step = resolve_step(checkpointer, directory, step)
-    check_stored_shapes(os.path.join(checkpointer.directory, str(step), "params"),
-                        abstract_params)
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+    try:
+      restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params)))
+    except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
+      error = restore_error(checkpointer.directory, step, e, abstract_params)
+      others = sorted(s for s in checkpointer.all_steps() if s != step)
+      raise type(error)(f"{error}; saved steps: {sorted(checkpointer.all_steps())}"
+                        + (f" (choose another with {step_flag})" if others else "")) from None
     return restored.params
   finally:
     checkpointer.close()
-
-
-def _path_name(path):
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def check_stored_shapes(params_dir, abstract_params):
-  """UsageError naming the parameters whose shapes differ from the stored ones
-  (a model config that does not match the checkpoint), instead of Orbax's
-  traceback on the first of them."""
-  try:
-    stored = ocp.StandardCheckpointer().metadata(params_dir)
-  except (OSError, ValueError, FileNotFoundError):
-    return  # not readable as metadata: the restore reports it
-  stored = getattr(stored, "item_metadata", stored)
-  found = {_path_name(p): tuple(m.shape) for p, m in
-           jax.tree_util.tree_flatten_with_path(stored)[0] if hasattr(m, "shape")}
-  wanted = {_path_name(p): tuple(x.shape) for p, x in
-            jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-  diff = [f"{name} {wanted.get(name, 'absent')} (checkpoint: {found.get(name, 'absent')})"
-          for name in sorted(set(found) | set(wanted)) if found.get(name) != wanted.get(name)]
-  if diff:
-    shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
-    raise UsageError(f"the model config does not match the checkpoint in {params_dir}: "
-                     f"{shown}")
 
 
 def resolve_step(checkpointer, directory, step):

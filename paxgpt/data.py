@@ -55,6 +55,7 @@ import seqio
 import tensorflow as tf
 
 import tasks
+from paxgpt.config import check_types
 from paxgpt.sharding import Partitioner
 
 FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
@@ -99,6 +100,7 @@ class DataConfig:
   tfds_data_dir: Optional[str] = None
 
   def __post_init__(self):
+    check_types(self)
     for field in ("sequence_length", "batch_size", "shuffle_buffer"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:

@@ -12,10 +12,14 @@ Where the run says it spans several processes, `initialize` calls
   TPU pod    PAXGPT_DISTRIBUTED=auto (launch/tpu_pod.sh sets it), or
              TPU_WORKER_HOSTNAMES listing several hosts: JAX reads the pod's metadata
 
-A single process (none of the above) starts nothing. JAX's own client aborts the
-process when its coordinator does not answer, so a non-zero process first waits for
-the coordinator's port for at most `timeout_s` and otherwise raises a UsageError
-naming the address; the initialisation timeout bounds the rest of the handshake.
+A single process (none of the above) starts nothing. JAX's own client and
+coordination service abort the process (exit 134, a C++ stack) when a peer does not
+answer, so with explicit flags paxgpt meets its peers first, on the coordinator's
+port, before JAX takes it: process 0 listens there and waits for a hello from every
+other process (`wait_for_peers`), and each other process connects and says hello
+(`wait_for_coordinator`). Either side gives up after `timeout_s` with a UsageError
+naming the address (and, on process 0, the missing process ids); the
+initialisation timeout bounds the rest of the handshake.
 
 After start-up every process runs the same program: each reads its own data shard
 (paxgpt/data.py uses jax.process_index()), all take part in Orbax checkpoint
@@ -129,9 +133,49 @@ def _check_address(address):
     raise UsageError(f"coordinator address {address!r}: expected HOST:PORT")
 
 
-def wait_for_coordinator(address, timeout_s, poll_s=0.25):
-  """Block until something accepts TCP connections at HOST:PORT, or raise a
-  UsageError after `timeout_s` seconds."""
+HELLO = "paxgpt-peer"
+
+
+def wait_for_peers(address, num_processes, timeout_s):
+  """Process 0: listen on the coordinator's port until processes 1..N-1 have each
+  said hello (`wait_for_coordinator(..., process_id=k)`), then free the port for
+  JAX. UsageError naming the missing process ids after `timeout_s` seconds."""
+  _, _, port = address.rpartition(":")
+  waiting = set(range(1, num_processes))
+  deadline = time.monotonic() + timeout_s
+  try:
+    server = socket.create_server(("", int(port)))
+  except OSError as e:
+    raise UsageError(f"coordinator {address}: cannot listen on port {port} "
+                     f"({e.strerror or e})") from None
+  with server:
+    while waiting:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        raise UsageError(f"coordinator {address}: process(es) "
+                         f"{', '.join(map(str, sorted(waiting)))} of {num_processes} did "
+                         f"not connect within {timeout_s}s; are they running with the same "
+                         f"--coordinator_address?")
+      server.settimeout(remaining)
+      try:
+        connection, _ = server.accept()
+      except socket.timeout:
+        continue
+      with connection:
+        connection.settimeout(min(remaining, 5.0))
+        try:
+          words = connection.recv(64).decode("ascii", "replace").split()
+          connection.recv(1)  # until the peer closes: the wait, not the port, stays with it
+        except OSError:
+          continue
+      if len(words) == 2 and words[0] == HELLO and words[1].isdigit():
+        waiting.discard(int(words[1]))
+
+
+def wait_for_coordinator(address, timeout_s, poll_s=0.25, process_id=None):
+  """Block until something accepts TCP connections at HOST:PORT (and, given
+  `process_id`, say hello to process 0's `wait_for_peers`), or raise a UsageError
+  after `timeout_s` seconds."""
   host, _, port = address.rpartition(":")
   host = host.strip("[]")
   deadline = time.monotonic() + timeout_s
@@ -142,7 +186,9 @@ def wait_for_coordinator(address, timeout_s, poll_s=0.25):
       raise UsageError(f"coordinator {address} did not answer within {timeout_s}s "
                        f"({last_error}); is process 0 running and the address reachable?")
     try:
-      with socket.create_connection((host, int(port)), timeout=min(remaining, 2.0)):
+      with socket.create_connection((host, int(port)), timeout=min(remaining, 2.0)) as peer:
+        if process_id is not None:
+          peer.sendall(f"{HELLO} {process_id}\n".encode("ascii"))
         return
     except OSError as err:
       last_error = err.strerror or type(err).__name__
@@ -168,8 +214,10 @@ def initialize(plan: Plan, log=None):
     return plan
   log(f"paxgpt: process {plan.process_id} of {plan.num_processes} joining coordinator "
       f"{plan.coordinator_address} (timeout {plan.timeout_s}s)")
-  if plan.process_id != 0:
-    wait_for_coordinator(plan.coordinator_address, plan.timeout_s)
+  if plan.process_id == 0:
+    wait_for_peers(plan.coordinator_address, plan.num_processes, plan.timeout_s)
+  else:
+    wait_for_coordinator(plan.coordinator_address, plan.timeout_s, process_id=plan.process_id)
   remaining = max(1, int(plan.timeout_s - (time.monotonic() - started)))
   jax.distributed.initialize(coordinator_address=plan.coordinator_address,
                              num_processes=plan.num_processes, process_id=plan.process_id,

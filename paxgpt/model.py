@@ -38,6 +38,8 @@ import jax.numpy as jnp
 
 import kernels
 from paxgpt import sharding
+from paxgpt.config import check_types
+from paxgpt.errors import ConfigError
 
 ATTENTION_KINDS = ("dense", "banded")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -92,6 +94,7 @@ class GPTConfig:
   masked_ids: tuple = ()
 
   def __post_init__(self):
+    check_types(self)
     pattern = tuple(self.attention_pattern)
     object.__setattr__(self, "attention_pattern", pattern)
     object.__setattr__(self, "masked_ids", tuple(int(i) for i in self.masked_ids))
@@ -100,27 +103,32 @@ class GPTConfig:
                        f"{self.vocab_size})")
     if self.head_dim is None:
       if self.d_model % self.num_heads:
-        raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
-                         f"{self.num_heads}; set head_dim")
+        raise ConfigError(f"GPTConfig.d_model={self.d_model} is not divisible by num_heads="
+                          f"{self.num_heads}; set head_dim")
       object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
     if self.d_ff is None:
       object.__setattr__(self, "d_ff", 4 * self.d_model)
     bad = [k for k in pattern if k not in ATTENTION_KINDS]
     if not pattern or bad:
-      raise ValueError(f"attention_pattern={pattern!r}: each entry must be one of "
-                       f"{ATTENTION_KINDS}")
+      raise ConfigError(f"GPTConfig.attention_pattern={pattern!r}: each entry must be one "
+                        f"of {ATTENTION_KINDS}")
     if self.num_layers % len(pattern):
-      raise ValueError(f"num_layers={self.num_layers} is not a multiple of the attention "
-                       f"pattern's length {len(pattern)} ({pattern})")
+      raise ConfigError(f"GPTConfig.num_layers={self.num_layers} is not a multiple of the "
+                        f"attention pattern's length {len(pattern)} ({pattern})")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+      raise ConfigError(f"GPTConfig.remat_policy={self.remat_policy!r} is not one of "
+                        f"{REMAT_POLICIES}")
     if self.attention_backend not in (None,) + kernels.BACKENDS:
-      raise ValueError(f"attention_backend={self.attention_backend!r} is not one of "
-                       f"{kernels.BACKENDS} or None")
+      raise ConfigError(f"GPTConfig.attention_backend={self.attention_backend!r} is not one "
+                        f"of {kernels.BACKENDS} or None")
     if self.window < 1:
-      raise ValueError(f"window={self.window} must be positive")
+      raise ConfigError(f"GPTConfig.window={self.window} must be positive")
     for name in ("dtype", "param_dtype"):
-      jnp.dtype(getattr(self, name))  # raises TypeError naming the bad dtype
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ConfigError(f"GPTConfig.{name}={getattr(self, name)!r} is not a dtype "
+                          f"(e.g. 'float32', 'bfloat16')") from None
 
   @property
   def padded_vocab_size(self):

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from paxgpt.config import check_types
+from paxgpt.errors import ConfigError
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -47,21 +50,22 @@ class OptimizerConfig:
   batch_ramp_start: float = 1 / 16
 
   def __post_init__(self):
+    check_types(self)
     if not self.peak_learning_rate > 0:
-      raise ValueError(f"OptimizerConfig.peak_learning_rate={self.peak_learning_rate} "
-                       f"must be positive")
+      raise ConfigError(f"OptimizerConfig.peak_learning_rate={self.peak_learning_rate} "
+                        f"must be positive")
     if self.warmup_steps < 0 or self.batch_ramp_steps < 0:
-      raise ValueError(f"OptimizerConfig: warmup_steps={self.warmup_steps} and "
-                       f"batch_ramp_steps={self.batch_ramp_steps} must be >= 0")
+      raise ConfigError(f"OptimizerConfig: warmup_steps={self.warmup_steps} and "
+                        f"batch_ramp_steps={self.batch_ramp_steps} must be >= 0")
     if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
-      raise ValueError(f"OptimizerConfig.decay_steps={self.decay_steps} is before the end "
-                       f"of warmup ({self.warmup_steps})")
+      raise ConfigError(f"OptimizerConfig.decay_steps={self.decay_steps} is before the end "
+                        f"of warmup ({self.warmup_steps})")
     if not 0 <= self.final_fraction <= 1:
-      raise ValueError(f"OptimizerConfig.final_fraction={self.final_fraction} must be in "
-                       f"[0, 1]")
+      raise ConfigError(f"OptimizerConfig.final_fraction={self.final_fraction} must be in "
+                        f"[0, 1]")
     if not 0 < self.batch_ramp_start <= 1:
-      raise ValueError(f"OptimizerConfig.batch_ramp_start={self.batch_ramp_start} must be "
-                       f"in (0, 1]")
+      raise ConfigError(f"OptimizerConfig.batch_ramp_start={self.batch_ramp_start} must be "
+                        f"in (0, 1]")
 
 
 def in_steps(config: OptimizerConfig, tokens_per_step: int | None) -> OptimizerConfig:
@@ -71,7 +75,7 @@ def in_steps(config: OptimizerConfig, tokens_per_step: int | None) -> OptimizerC
     value = getattr(config, tokens)
     if value is not None:
       if not tokens_per_step:
-        raise ValueError(f"OptimizerConfig.{tokens} needs the batch size in tokens")
+        raise ConfigError(f"OptimizerConfig.{tokens} needs the batch size in tokens")
       changes[steps] = int(round(value / tokens_per_step))
       changes[tokens] = None
   if "decay_steps" in changes:

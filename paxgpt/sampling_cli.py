@@ -11,7 +11,15 @@ Each input line is a JSON object with `prompt` and optional settings:
 Each output line, in input order, has `line`, `prompt`, `completions` (n strings),
 `tokens` (their ids) and `finish_reason` (stop, length or eos) per completion, or
 `error` naming the line and the field when the request was bad. The other lines are
-still processed; the exit code is 1 when any line failed.
+still processed; the exit code is 1 when any line failed. One line may ask for at
+most SampleConfig.max_n samples, max_beam_size beams and max_request_tokens
+tokens (n or beam_size x max_tokens); numbers must be finite.
+
+The output is checked before any work (a missing directory, a directory, a
+read-only file is a UsageError). Lines are decoded in chunks of consecutive input
+lines and written as each chunk completes, in input order, to OUTPUT.partial,
+renamed to OUTPUT at the end: a run that dies keeps the lines it finished there
+and says how many.
 
 This module is the sampler's TensorFlow side (the vocabulary comes from
 paxgpt/data.py); paxgpt/sampling.py is JAX only. Prompts are encoded with the
@@ -24,14 +32,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import secrets
+import sys
 from typing import Any
 
 import gin
 import jax
 
 from paxgpt import checkpoint, data, model_dir, sampling, sharding
-from paxgpt.errors import UsageError
+from paxgpt.config import check_types
+from paxgpt.errors import ConfigError, UsageError
+from paxgpt.progress import Progress
 
 MAX_SEED = 2**31 - 1
 
@@ -46,7 +59,9 @@ class SampleConfig:
   prompt_bucket: prompt widths and decode lengths are rounded up to a multiple of
     this (and batches to a power of two), so batches share compiled programs.
   stop_check_every: tokens decoded between checks for stop strings.
-  vocabulary: a vocabulary spec (tasks/vocabularies.py); None: DataConfig's."""
+  vocabulary: a vocabulary spec (tasks/vocabularies.py); None: DataConfig's.
+  max_n, max_beam_size, max_request_tokens: caps on one request line (n; beam_size;
+    n or beam_size x max_tokens), so that one line cannot exhaust the host."""
   checkpoint_dir: str | None = None
   batch_size: int = 8
   max_tokens: int = sampling.DEFAULTS.max_tokens
@@ -60,11 +75,16 @@ class SampleConfig:
   prompt_bucket: int = 16
   stop_check_every: int = 16
   vocabulary: str | None = None
+  max_n: int = 1024
+  max_beam_size: int = 64
+  max_request_tokens: int = 1 << 20
 
   def __post_init__(self):
-    for name in ("batch_size", "max_tokens", "prompt_bucket", "stop_check_every"):
+    check_types(self)
+    for name in ("batch_size", "max_tokens", "prompt_bucket", "stop_check_every", "max_n",
+                 "max_beam_size", "max_request_tokens"):
       if getattr(self, name) < 1:
-        raise UsageError(f"SampleConfig.{name}={getattr(self, name)} must be >= 1")
+        raise ConfigError(f"SampleConfig.{name}={getattr(self, name)} must be >= 1")
 
 
 class RequestError(ValueError):
@@ -105,11 +125,11 @@ def _int(line, field, value, low, high=None):
 
 
 def _float(line, field, value, low, high=None, low_open=False):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
   if not ok:
     bound = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
-    raise RequestError(f"line {line}: field {field!r} must be a number {bound}, got "
+    raise RequestError(f"line {line}: field {field!r} must be a finite number {bound}, got "
                        f"{json.dumps(value)}")
   return float(value)
 
@@ -143,13 +163,14 @@ def parse_request(line, text, config: SampleConfig, vocab, max_len) -> Request:
   if not isinstance(obj.get("prompt"), str):
     raise RequestError(f"line {line}: field 'prompt' must be a string"
                        + ("" if "prompt" in obj else " and is missing"))
-  beam_size = _int(line, "beam_size", obj["beam_size"], 1) if "beam_size" in obj else 0
+  beam_size = (_int(line, "beam_size", obj["beam_size"], 1, config.max_beam_size)
+               if "beam_size" in obj else 0)
   if beam_size:
     for field in SAMPLING_ONLY:
       if field in obj:
         raise RequestError(f"line {line}: field {field!r} does not apply to beam search "
                            f"(beam_size)")
-  n = _int(line, "n", obj.get("n", 1), 1, beam_size or None)
+  n = _int(line, "n", obj.get("n", 1), 1, beam_size or config.max_n)
   temperature = _float(line, "temperature", obj.get("temperature", config.temperature), 0.0)
   if "greedy" in obj:
     if not isinstance(obj["greedy"], bool):
@@ -175,6 +196,11 @@ def parse_request(line, text, config: SampleConfig, vocab, max_len) -> Request:
                                 obj.get("no_repeat_ngram_size", config.no_repeat_ngram_size),
                                 0),
       id=obj.get("id"))
+  rows = beam_size or n
+  if rows * request.max_tokens > config.max_request_tokens:
+    raise RequestError(f"line {line}: {'beam_size' if beam_size else 'n'}={rows} x max_tokens="
+                       f"{request.max_tokens} exceeds the cap of {config.max_request_tokens} "
+                       f"tokens per line (SampleConfig.max_request_tokens)")
   request.ids = [vocab.eos_id] + list(vocab.encode(request.prompt))
   if len(request.ids) + request.max_tokens > max_len:
     raise RequestError(
@@ -269,9 +295,28 @@ def _run_beams(decoder, vocab, requests, config, max_len, results):
           out["scores"].append(float(scores[row, beam]))
 
 
-def run_requests(decoder, vocab, lines, config: SampleConfig, max_len):
-  """Process JSONL lines (strings); returns (output objects in input order, error count)."""
-  results, requests, errors = {}, [], 0
+# Rows (prompt x sample or beam) decoded per chunk of consecutive lines, in batches:
+# enough to batch similar lengths together, few enough that finished lines are
+# written out early.
+CHUNK_BATCHES = 8
+
+
+def run_requests(decoder, vocab, lines, config: SampleConfig, max_len, emit=None):
+  """Process JSONL lines (strings); returns (output objects in input order, error count).
+  `emit(output)` is called for each output, in input order, as soon as its chunk of
+  lines is decoded."""
+  results, requests, errors, outputs, rows = {}, [], 0, [], 0
+
+  def finish_chunk():
+    _run_sampling(decoder, vocab, [r for r in requests if not r.beam_size], config, max_len,
+                  results)
+    _run_beams(decoder, vocab, [r for r in requests if r.beam_size], config, max_len, results)
+    for k in sorted(results):
+      outputs.append(_output(results.pop(k)))
+      if emit is not None:
+        emit(outputs[-1])
+    requests.clear()
+
   for number, text in enumerate(lines, start=1):
     if not text.strip():
       continue
@@ -284,10 +329,12 @@ def run_requests(decoder, vocab, lines, config: SampleConfig, max_len):
     requests.append(request)
     results[number] = {"line": number, "request": request, "samples": [None] * request.n,
                        "scores": []}
-  _run_sampling(decoder, vocab, [r for r in requests if not r.beam_size], config, max_len,
-                results)
-  _run_beams(decoder, vocab, [r for r in requests if r.beam_size], config, max_len, results)
-  return [_output(results[k]) for k in sorted(results)], errors
+    rows += request.beam_size or request.n
+    if rows >= CHUNK_BATCHES * config.batch_size:
+      finish_chunk()
+      rows = 0
+  finish_chunk()
+  return outputs, errors
 
 
 def _output(result):
@@ -324,6 +371,45 @@ def load_vocabulary(config: SampleConfig, model_vocab_size, model_vocabulary=Non
     raise UsageError(f"vocabulary {data_config.vocabulary!r}: {e}") from e
 
 
+def read_prompts(prompts):
+  """The lines of the --prompts file (UsageError naming the file, and the line where
+  it is not UTF-8)."""
+  try:
+    with open(prompts, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise UsageError(f"--prompts={prompts}: {e.strerror}") from e
+  try:
+    return raw.decode("utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise UsageError(f"--prompts={prompts} line {line}: not UTF-8 ({e.reason})") from None
+
+
+def open_output(output):
+  """(OUTPUT.partial, its file opened for writing): an --output that cannot be
+  written is a UsageError here, before any sampling."""
+  if os.path.isdir(output):
+    raise UsageError(f"--output={output}: is a directory")
+  if os.path.exists(output) and not os.access(output, os.W_OK):
+    raise UsageError(f"--output={output}: the file is read-only")
+  partial = output + ".partial"
+  try:
+    return partial, open(partial, "w", encoding="utf-8")
+  except OSError as e:
+    raise UsageError(f"--output={output}: cannot write {partial}: {e.strerror}") from None
+
+
+def _decoder(config, step, mesh):
+  model_config, model_vocabulary = model_dir.resolve(config.checkpoint_dir)
+  vocab = load_vocabulary(config, model_config.vocab_size, model_vocabulary)
+  partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+  abstract, shardings = sampling.abstract_params(model_config, partitioner)
+  params = checkpoint.restore_params(config.checkpoint_dir,
+                                     sharding.with_shardings(abstract, shardings), step=step)
+  return model_config, vocab, sampling.Decoder(model_config, params, partitioner, vocab.eos_id)
+
+
 def sample_file(prompts, output, step=None, mesh=None):
   """Sample every request line of the JSONL file `prompts` into `output`, from
   SampleConfig.checkpoint_dir's checkpoint `step` (default latest) restored onto
@@ -333,23 +419,36 @@ def sample_file(prompts, output, step=None, mesh=None):
   if not config.checkpoint_dir:
     raise UsageError("no checkpoint directory: pass --gin.CHECKPOINT_DIR=\"'DIR'\" "
                      "(the training run's MODEL_DIR)")
+  lines = read_prompts(prompts)
+  total = sum(1 for line in lines if line.strip())
+  partial, out_file = open_output(output) if jax.process_index() == 0 else (None, None)
+  written = 0
+
+  def emit(out):
+    nonlocal written
+    if out_file is not None:
+      out_file.write(json.dumps(out, ensure_ascii=False) + "\n")
+      out_file.flush()
+    written += 1
+    progress.update(1)
+
   try:
-    with open(prompts, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except OSError as e:
-    raise UsageError(f"--prompts={prompts}: {e.strerror}") from e
-  model_config, model_vocabulary = model_dir.resolve(config.checkpoint_dir)
-  vocab = load_vocabulary(config, model_config.vocab_size, model_vocabulary)
-  partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-  abstract, shardings = sampling.abstract_params(model_config, partitioner)
-  params = checkpoint.restore_params(config.checkpoint_dir,
-                                     sharding.with_shardings(abstract, shardings), step=step)
-  decoder = sampling.Decoder(model_config, params, partitioner, vocab.eos_id)
-  outputs, errors = run_requests(decoder, vocab, lines, config, model_config.max_len)
-  if jax.process_index() == 0:
-    with open(output, "w", encoding="utf-8") as f:
-      for out in outputs:
-        f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    model_config, vocab, decoder = _decoder(config, step, mesh)
+    with Progress(total, "sample", unit="lines") as progress:
+      outputs, errors = run_requests(decoder, vocab, lines, config, model_config.max_len,
+                                     emit)
+  except BaseException:
+    if out_file is not None:
+      out_file.close()
+      if written:
+        print(f"paxgpt sample: stopped after {written} of {total} lines; the finished "
+              f"lines are in {partial}", file=sys.stderr, flush=True)
+      else:
+        os.remove(partial)
+    raise
+  if out_file is not None:
+    out_file.close()
+    os.replace(partial, output)
   done = len(outputs) - errors
   print(f"paxgpt sample: {done} prompts completed, {errors} failed -> {output}")
   for out in outputs:

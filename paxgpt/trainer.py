@@ -20,10 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxgpt import accounting, checkpoint, model, model_dir as model_dir_lib, optim, sharding
+from paxgpt import accounting, checkpoint, model, model_dir as model_dir_lib, optim, run_lock
+from paxgpt import sharding
 from paxgpt import data as data_lib
-from paxgpt.errors import UsageError
+from paxgpt.config import check_types
+from paxgpt.errors import ConfigError, RunDirBusyError, UsageError
 from paxgpt.metrics import MetricsWriter
+from paxgpt.run_lock import RunLock
 from paxgpt.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
                                evaluate_params, make_eval_step, make_train_step)
 
@@ -79,12 +82,13 @@ class TrainConfig:
   fewshot_include_path: str | None = None
 
   def __post_init__(self):
+    check_types(self)
     for name in ("num_steps", "num_microbatches", "batch_units", "log_every"):
       if getattr(self, name) < 1:
-        raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
     for name in ("eval_every", "fewshot_every"):
       if getattr(self, name) < 0:
-        raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
     object.__setattr__(self, "fewshot_tasks", tuple(self.fewshot_tasks))
 
 
@@ -216,17 +220,17 @@ class _Run:
     """(state, validation_loss) from MODEL_DIR's latest checkpoint, else from
     init_from's parameters, else freshly initialised."""
     abstract = self.partitioner.abstract(self.abstract)
-    latest = self.checkpointer.latest_step()
+    latest, restored, self.skipped = self.checkpointer.restore_newest(abstract.params,
+                                                                     abstract.opt_state)
     if latest is not None:
-      params, opt_state, data_state, meta = self.checkpointer.restore(
-          latest, abstract.params, abstract.opt_state)
+      params, opt_state, data_state, meta = restored
       self.data.restore(data_state)
       step = jax.device_put(jnp.int32(latest), self.shardings.step)
       return TrainState(params, opt_state, step), meta.get("validation_loss")
     init_opt = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)
     if self.cfg.init_from:
       params = checkpoint.restore_params(self.cfg.init_from, abstract.params,
-                                         self.cfg.init_step)
+                                         self.cfg.init_step, "TrainConfig.init_step")
     else:
       gpt = model.GPT(self.model_config)
       tokens = jnp.zeros((1, min(8, self.model_config.max_len)), jnp.int32)
@@ -292,13 +296,35 @@ def train(model_dir=gin.REQUIRED, *, mesh=None, on_step=None, model_config=None,
   sharding.make_mesh(). `on_step(step)` is called after each step (tests use
   it). Returns {"step", "loss", "validation_loss", "wall_s", "stopped_by"}.
   """
-  with _SigtermFlag() as sigterm:  # from the start: a SIGTERM while compiling counts too
-    return _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config,
-                  train_config, checkpoint_config, sigterm)
+  lock = _lock_model_dir(model_dir)  # before Orbax, which cleans up others' temp dirs
+  try:
+    with _SigtermFlag() as sigterm:  # from the start: a SIGTERM while compiling counts too
+      return _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config,
+                    train_config, checkpoint_config, sigterm, lock)
+  finally:
+    lock.release()
+
+
+def _lock_model_dir(model_dir):
+  """Process 0 takes MODEL_DIR's lock (paxgpt/run_lock.py); every process learns
+  the outcome, so all of a refused multi-host run stop."""
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = RunLock.acquire(model_dir)
+    except UsageError as e:
+      refused = e
+  (any_refused,) = _any_process(refused is not None)
+  if refused is not None:
+    raise refused
+  if any_refused:
+    raise RunDirBusyError(f"MODEL_DIR={os.fspath(model_dir)!r}: process 0 could not take "
+                          f"the run's lock")
+  return lock or RunLock(None, None, None)
 
 
 def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config,
-           train_config, checkpoint_config, sigterm):
+           train_config, checkpoint_config, sigterm, lock):
   start_time = time.time()
   cfg = train_config or TrainConfig()
   data_config = data_config or data_lib.DataConfig()
@@ -311,6 +337,9 @@ def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config
              checkpoint_config or checkpoint.CheckpointConfig(), partitioner)
   cfg = run.cfg  # with num_steps resolved from train_tokens
   writer = MetricsWriter(run.model_dir, cfg.num_steps, enabled=run.is_chief)
+  if lock.stale:
+    writer.message(f"took over the lock of a run that ended without releasing it "
+                   f"({run_lock.describe(lock.stale)})")
   if cfg.jax_smi and run.is_chief:
     import jax_smi
     jax_smi.initialise_tracking()
@@ -324,8 +353,11 @@ def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config
 def _loop(run, writer, cfg, start_time, on_step, sigterm):
   state, validation_loss = run.initial_state()
   step = int(state.step)
+  for error in run.skipped:
+    writer.message(f"skipped: {error}; moved to {checkpoint.UNRESTORABLE_SUBDIR}/")
   if step:
     writer.message(f"resumed from {run.checkpointer.directory} at step {step}")
+    writer.resumed(step)
   baseline = None
   if cfg.report_baseline and run.is_chief:
     from paxgpt.baseline import BackgroundBaseline
@@ -342,6 +374,8 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
       _check_finite(*pending)
     step += 1
     pending = (step, metrics)
+    writer.tick(step)
+    run.checkpointer.check()  # a failed background save is reported at once
     interval_tokens += units * run.data_config.batch_size * run.data_config.sequence_length
     if on_step is not None:
       on_step(step)

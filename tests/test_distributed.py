@@ -86,6 +86,28 @@ def test_wait_for_coordinator_returns_once_the_port_listens():
     assert time.monotonic() - start < 1
 
 
+def test_process_0_without_its_peers_gives_up_in_one_line():
+  port = _closed_port()
+  with pytest.raises(UsageError, match=rf"coordinator 127.0.0.1:{port}: process\(es\) 1, 2 of "
+                                       rf"3 did not connect within 1s"):
+    distributed.wait_for_peers(f"127.0.0.1:{port}", 3, 1)
+
+
+def test_process_0_meets_its_peers_then_frees_the_port_for_jax():
+  import threading
+  port = _closed_port()
+  address = f"127.0.0.1:{port}"
+  peers = [threading.Thread(target=distributed.wait_for_coordinator,
+                            args=(address, 30), kwargs=dict(poll_s=0.05, process_id=k))
+           for k in (1, 2)]
+  for peer in peers:
+    peer.start()
+  distributed.wait_for_peers(address, 3, 30)
+  for peer in peers:
+    peer.join()
+  socket.create_server(("", port)).close()  # JAX's coordination service can bind it
+
+
 def _cli(*args):
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   for key in ("PAXGPT_COORDINATOR_ADDRESS", "PAXGPT_NUM_PROCESSES", "PAXGPT_PROCESS_ID",

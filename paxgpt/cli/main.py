@@ -4,7 +4,8 @@
 
 Commands: train, eval, sample, info, plan, vocab, import, export, fewshot. eval and
 sample without --gin_file use gin/runs/eval.gin / sample.gin and the model
-config that MODEL_DIR carries (model.json). Gin files are looked up
+config that MODEL_DIR carries (model.json). --verbose (any command) shows the
+start-up logs of TensorFlow, XLA and absl. Gin files are looked up
 relative to the working directory, then to the paxgpt checkout.
 
 The error contract, applied here and nowhere else: bad input (an unknown gin
@@ -12,10 +13,18 @@ binding, a parameter typo, a missing --gin_file, a bad config value, a mesh
 that does not fit the devices, a bad task, vocabulary or data file) ends with
 one line on stderr, "paxgpt: error: ...", naming the input, and exit code 2.
 Library code raises the errors of `input_errors()`; it never prints or exits.
+Config dataclasses raise ConfigError (paxgpt/config.py), checkpoints
+CheckpointError, a MODEL_DIR owned by another run RunDirBusyError: all
+UsageErrors. A run that fails for a reason outside its input (a full disk:
+paxgpt.errors.RunError) is one line on stderr too, with exit code 1.
+
+Start-up logs of TensorFlow, XLA and absl (CUDA probing on a CPU box, Orbax's
+notes) are hidden unless --verbose is given (any command).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -25,7 +34,7 @@ import sys
 import gin
 
 from paxgpt import distributed
-from paxgpt.errors import UsageError
+from paxgpt.errors import RunError, UsageError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -138,8 +147,14 @@ class _Parser(argparse.ArgumentParser):
 _GIN_SUFFIX = re.compile(r"\s*In call to configurable .*$", re.S)
 
 
+# gin appends the whole config to some parse errors (an undefined macro).
+_GIN_CONFIG_DUMP = re.compile(r"\s*in config string:.*$", re.S)
+MAX_LINE = 400
+
+
 def one_line(text):
-  return re.sub(r"\s+", " ", _GIN_SUFFIX.sub("", str(text))).strip()
+  line = re.sub(r"\s+", " ", _GIN_SUFFIX.sub("", str(text))).strip()
+  return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
 
 
 def input_errors():
@@ -188,26 +203,85 @@ def parse_gin(files, bindings):
     gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], bindings,
                                         finalize_config=True)
   except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
-    raise UsageError(f"gin: {one_line(e)}") from e
+    raise UsageError(f"gin: {_explain_gin_error(e, bindings)}") from e
+
+
+def _explain_gin_error(error, bindings):
+  """gin's message, with the two cases it words badly said plainly."""
+  text = _GIN_CONFIG_DUMP.sub("", str(error))
+  macro = re.search(r"No bindings specified for '([\w.]+)/gin\.macro'", text)
+  if macro:
+    name = macro.group(1)
+    return (f"%{name} is not defined: bind it (--gin.{name}=VALUE) or include a gin file "
+            f"that does")
+  token = re.search(r"malformed node or string.*Failed to parse token '([^']*)'", text, re.S)
+  if token:
+    value = token.group(1)
+    named = [b.split("=", 1)[0] for b in bindings if b.split("=", 1)[1].strip() == value]
+    where = f"--gin.{named[0]}={value}" if named else f"value {value}"
+    return (f"{where}: not a gin value; strings need quotes, e.g. "
+            f"--gin.{named[0] if named else 'NAME'}=\"'{value}'\"")
+  return one_line(text)
+
+
+def quiet_start_up():
+  """Hide absl's log lines (Orbax's warnings about read-only checkpoint managers,
+  its pages of errors for a failed save, which paxgpt reports in one line) and
+  the Python loggers' notes; `start_up_logs_hidden` hides the C++ ones."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import logging
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  for name in ("jax", "orbax", "tensorflow"):
+    logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv=None):
   """Run one command; returns its exit code (2 for bad input, reported as one
   line on stderr)."""
   argv = sys.argv[1:] if argv is None else list(argv)
+  quiet = "--verbose" not in argv
+  if quiet:
+    quiet_start_up()
+  else:
+    argv.remove("--verbose")
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__.strip())
     for name, cmd in COMMANDS.items():
       print(f"  {name:8s} {cmd.help}")
     return 0
   try:
-    return _run(argv[0], argv[1:])
+    return _run(argv[0], argv[1:], quiet)
   except input_errors() as e:
     print(f"paxgpt: error: {one_line(e)}", file=sys.stderr)
     return 2
+  except RunError as e:
+    print(f"paxgpt: error: {one_line(e)}", file=sys.stderr)
+    return 1
 
 
-def _run(name, argv):
+@contextlib.contextmanager
+def start_up_logs_hidden(quiet=True):
+  """Send file descriptor 2 to /dev/null while TensorFlow loads: its C++ start-up
+  lines (oneDNN, "Could not find cuda drivers", cuInit on a CPU box) are written
+  before any log level applies. Python errors raised inside still surface: they
+  are printed after stderr is back."""
+  if not quiet:
+    yield
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def _run(name, argv, quiet=False):
   if name not in COMMANDS:
     raise UsageError(f"unknown command {name!r}; expected one of {', '.join(COMMANDS)}")
   cmd = COMMANDS[name]
@@ -221,7 +295,8 @@ def _run(name, argv):
   args = parser.parse_args(rest)
   function = getattr(importlib.import_module("paxgpt.cli.commands"), cmd.function)
   if cmd.needs_gin:
-    _register_configurables()
+    with start_up_logs_hidden(quiet):
+      _register_configurables()
     if not files and cmd.default_gin is None:
       raise UsageError(f"paxgpt {name} needs at least one --gin_file")
     files = files or list(cmd.default_gin)
