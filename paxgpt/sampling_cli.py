@@ -317,10 +317,14 @@ def load_vocabulary(config: SampleConfig, model_vocab_size):
   data_config = dataclasses.replace(data.DataConfig(), vocabulary=config.vocabulary or
                                     data.DataConfig().vocabulary)
   try:
-    data.check_model_vocab_size(data_config, model_vocab_size)
-    return data.get_vocabulary(data_config)
-  except ValueError as e:  # DataError, or an unknown vocabulary spec
+    vocab = data.get_vocabulary(data_config)
+  except ValueError as e:
     raise UsageError(f"vocabulary {data_config.vocabulary!r}: {e}") from e
+  try:
+    data.check_model_vocab_size(data_config, model_vocab_size)
+  except data.DataError as e:
+    raise UsageError(str(e)) from e
+  return vocab
 
 
 def sample_file(prompts, output, step=None, mesh=None):
