@@ -365,10 +365,14 @@ def load_vocabulary(config: SampleConfig, model_vocab_size, model_vocabulary=Non
   spec = config.vocabulary or model_vocabulary or data.DataConfig().vocabulary
   data_config = dataclasses.replace(data.DataConfig(), vocabulary=spec)
   try:
-    data.check_model_vocab_size(data_config, model_vocab_size)
-    return data.get_vocabulary(data_config)
-  except ValueError as e:  # DataError, or an unknown vocabulary spec
+    vocab = data.get_vocabulary(data_config)
+  except ValueError as e:
     raise UsageError(f"vocabulary {data_config.vocabulary!r}: {e}") from e
+  try:
+    data.check_model_vocab_size(data_config, model_vocab_size)
+  except data.DataError as e:
+    raise UsageError(str(e)) from e
+  return vocab
 
 
 def read_prompts(prompts):
