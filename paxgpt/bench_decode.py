@@ -28,27 +28,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 
 from paxgpt.cli import main as cli
+from paxgpt import hf as hf_lib
 from paxgpt import model, sampling, sharding
 from paxgpt.errors import UsageError
 
 DEFAULT_GIN = "gin/experiments/demo.gin"
-
-
-def register_run_configurables():
-  """Experiment files bind the trainer's and the data's settings too; register
-  them so such files parse. The data side needs TensorFlow: on a JAX-only box
-  pass a gin/models file instead."""
-  from paxgpt import trainer  # noqa: F401
-  try:
-    from paxgpt import data  # noqa: F401
-  except ImportError:
-    pass
 
 
 def random_prompts(batch, prompt_len, vocab_size, seed=0):
@@ -93,65 +84,29 @@ def time_batch(decoder, prompts, new_tokens, repeats=3):
 # Against transformers' generate().
 
 
-def neo_config(scan_layers=False):
-  """GPT-Neo-125M's shape as a GPTConfig (float32; global/local = dense/banded)."""
-  return model.GPTConfig(vocab_size=50257, num_layers=12, d_model=768, num_heads=12,
-                         max_len=2048, window=256, attention_pattern=("dense", "banded"),
-                         dtype="float32", param_dtype="float32", scan_layers=scan_layers)
-
-
-def hf_neo(config, seed=0):
-  """A randomly initialised transformers GPT-Neo of `config`'s shape, eval mode."""
+def hf_neo(seed=0):
+  """A randomly initialised transformers GPT-Neo of GPT-Neo-125M's shape (float32,
+  global/local layers, window 256), eval mode."""
   import torch
   from transformers import GPTNeoConfig, GPTNeoForCausalLM
   torch.manual_seed(seed)
-  pattern = [["global" if k == "dense" else "local" for k in config.attention_pattern],
-             config.num_periods]
   hf = GPTNeoForCausalLM(GPTNeoConfig(
-      vocab_size=config.vocab_size, max_position_embeddings=config.max_len,
-      hidden_size=config.d_model, num_layers=config.num_layers, num_heads=config.num_heads,
-      attention_types=[pattern], window_size=config.window,
-      layer_norm_epsilon=config.layer_norm_epsilon, bos_token_id=None, eos_token_id=None,
-      pad_token_id=0)).eval()
+      vocab_size=50257, max_position_embeddings=2048, hidden_size=768, num_layers=12,
+      num_heads=12, attention_types=[[["global", "local"], 6]], window_size=256,
+      bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
   hf.generation_config.eos_token_id = None  # decode every new token, as paxgpt's rows do
   hf.generation_config.pad_token_id = 0
   return hf
 
 
-def params_from_hf_neo(hf, config):
-  """The unrolled paxgpt parameter tree of a transformers GPT-Neo. GPT-Neo does
-  not scale its attention scores, so the query projection is scaled by
-  sqrt(head_dim) to cancel paxgpt's 1/sqrt(head_dim) (a power of two for 64)."""
-  sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
-  h, k, d = config.num_heads, config.head_dim, config.d_model
-  heads_in = lambda w: w.T.reshape(d, h, k)  # torch Linear [out, in] -> [d, heads, kv]
-  params = {}
-  for layer in range(config.num_layers):
-    p = f"transformer.h.{layer}."
-    kind = config.attention_pattern[layer % len(config.attention_pattern)]
-    attn = p + "attn.attention."
-    params.setdefault(f"layers_{layer // len(config.attention_pattern)}", {})[
-        f"{layer % len(config.attention_pattern)}_{kind}"] = {
-        "ln_attention": {"scale": sd[p + "ln_1.weight"], "bias": sd[p + "ln_1.bias"]},
-        "attention": {
-            "query_kernel": heads_in(sd[attn + "q_proj.weight"]) * np.float32(k ** 0.5),
-            "query_bias": np.zeros((h, k), np.float32),
-            "key_kernel": heads_in(sd[attn + "k_proj.weight"]),
-            "key_bias": np.zeros((h, k), np.float32),
-            "value_kernel": heads_in(sd[attn + "v_proj.weight"]),
-            "value_bias": np.zeros((h, k), np.float32),
-            "out_kernel": sd[attn + "out_proj.weight"].T.reshape(h, k, d),
-            "out_bias": sd[attn + "out_proj.bias"]},
-        "ln_mlp": {"scale": sd[p + "ln_2.weight"], "bias": sd[p + "ln_2.bias"]},
-        "mlp": {"wi": {"kernel": sd[p + "mlp.c_fc.weight"].T, "bias": sd[p + "mlp.c_fc.bias"]},
-                "wo": {"kernel": sd[p + "mlp.c_proj.weight"].T,
-                       "bias": sd[p + "mlp.c_proj.bias"]}}}
-  wte = sd["transformer.wte.weight"]
-  params["token_embedding"] = np.pad(wte, ((0, config.padded_vocab_size - len(wte)), (0, 0)))
-  params["position_embedding"] = sd["transformer.wpe.weight"]
-  params["ln_final"] = {"scale": sd["transformer.ln_f.weight"],
-                        "bias": sd["transformer.ln_f.bias"]}
-  return params
+def paxgpt_from_hf(hf_model, partitioner):
+  """(GPTConfig, params) of a transformers model through paxgpt/hf.py's own
+  tables, as `paxgpt import` maps it (ids shifted by hf.SHIFT)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp)
+    _, model_type, config, weights = hf_lib.read_hf(tmp)
+    params, _ = hf_lib.stream_params(weights, model_type, config, partitioner)
+  return config, params
 
 
 def hf_generate(hf, prompts, new_tokens):
@@ -170,11 +125,8 @@ def vs_hf(args, partitioner):
   import torch
   if args.hf_threads:
     torch.set_num_threads(args.hf_threads)
-  config = neo_config(args.scan_layers)
-  hf = hf_neo(config)
-  params = params_from_hf_neo(hf, neo_config(scan_layers=False))
-  _, shardings = sampling.abstract_params(neo_config(scan_layers=False), partitioner)
-  params = jax.device_put(params, shardings)
+  hf = hf_neo()
+  config, params = paxgpt_from_hf(hf, partitioner)
   decoder = sampling.Decoder(config, params, partitioner, eos_id=None,
                              scan_layers=args.scan_layers)
   print(f"decode vs transformers {__import__('transformers').__version__} generate() "
@@ -184,10 +136,13 @@ def vs_hf(args, partitioner):
         f"{args.new_tokens} new tokens, greedy")
   print(f"{'batch':>6} {'1st call s':>10} {'prefill ms':>11} {'ms/step':>9} {'paxgpt tok/s':>13} "
         f"{'HF tok/s':>9} {'paxgpt/HF':>10} {'tokens':>10}")
-  hf_generate(hf, random_prompts(1, args.prompt_len, config.vocab_size), 2)  # warm up torch
+  hf_vocab = config.vocab_size - hf_lib.SHIFT
+  hf_generate(hf, random_prompts(1, args.prompt_len, hf_vocab), 2)  # warm up torch
   for batch in args.batch_sizes:
-    prompts = random_prompts(batch, args.prompt_len, config.vocab_size)
-    first_s, prefill_s, decode_s, ids = time_batch(decoder, prompts, args.new_tokens, args.repeats)
+    prompts = random_prompts(batch, args.prompt_len, hf_vocab)
+    first_s, prefill_s, decode_s, ids = time_batch(decoder, prompts + hf_lib.SHIFT,
+                                                   args.new_tokens, args.repeats)
+    ids = [[i - hf_lib.SHIFT for i in row] for row in ids]
     hf_s, hf_ids = hf_generate(hf, prompts, args.new_tokens)
     ours = batch * args.new_tokens / (prefill_s + decode_s)
     theirs = batch * args.new_tokens / hf_s
@@ -220,7 +175,7 @@ def main(argv=None):
   if args.vs_hf:
     vs_hf(args, sharding.Partitioner(sharding.mesh_from_flag(args.mesh)))
     return 0
-  register_run_configurables()
+  cli.register_configurables()
   # Experiment files require MODEL_DIR (for training); the benchmark trains nothing.
   cli.parse_gin(files or [DEFAULT_GIN], [f"MODEL_DIR = {args.checkpoint_dir!r}"] + bindings)
   config = model.GPTConfig()
@@ -254,4 +209,5 @@ if __name__ == "__main__":
   try:
     sys.exit(main())
   except UsageError as e:
-    cli.fail(cli.one_line(e))
+    print(f"paxgpt: error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(2)

@@ -1,6 +1,8 @@
 """Hugging Face GPT-Neo and GPT-2 checkpoints in and out of paxgpt.
 
   import_hf(hf_dir, model_dir, mesh=None, dtype="float32") -> summary dict
+  read_hf(hf_dir) -> (config.json, model_type, GPTConfig, Weights); then
+  stream_params(weights, model_type, cfg, partitioner) -> (params, bytes)
   export_hf(model_dir, hf_dir, step=None, mesh=None) -> summary dict
   config_from_hf(config_json) -> (architecture, GPTConfig kwargs)
   config_to_hf(GPTConfig, eos_id) -> (architecture, config.json dict)
@@ -557,11 +559,9 @@ def _gin_text(cfg, source):
   return "\n".join(lines) + "\n"
 
 
-def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
-  """Write a paxgpt MODEL_DIR from a transformers GPT-Neo / GPT-2 directory:
-  checkpoints/0 (params only), model.json, config.gin and vocabulary/."""
-  start = time.time()
-  hf_dir = os.path.abspath(hf_dir)
+def read_hf(hf_dir, dtype="float32"):
+  """(config.json dict, model_type, GPTConfig, Weights) of a transformers
+  directory, its tensors checked against the config; reads no tensor data."""
   hf_config = _read_hf_config(hf_dir)
   model_type, kwargs = config_from_hf(hf_config)
   try:
@@ -570,6 +570,15 @@ def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
     raise UsageError(f"config.json: {e}") from None
   weights = Weights(hf_dir)
   _check_hf_shapes(weights, model_type, cfg, hf_config)
+  return hf_config, model_type, cfg, weights
+
+
+def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
+  """Write a paxgpt MODEL_DIR from a transformers GPT-Neo / GPT-2 directory:
+  checkpoints/0 (params only), model.json, config.gin and vocabulary/."""
+  start = time.time()
+  hf_dir = os.path.abspath(hf_dir)
+  hf_config, model_type, cfg, weights = read_hf(hf_dir, dtype)
   staging = _staging_dir(model_dir)
   try:
     vocab_dir = os.path.join(staging, VOCABULARY_SUBDIR)
@@ -577,7 +586,7 @@ def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
     spec = f"gpt2:{vocab_dir}"
     _check_vocabulary(spec, cfg, hf_config)
     partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-    params, nbytes = _stream_params(weights, model_type, cfg, partitioner)
+    params, nbytes = stream_params(weights, model_type, cfg, partitioner)
     _save_params(staging, params)
     del params
     model_dir_lib.write(staging, cfg, spec, _gin_text(cfg, hf_dir))
@@ -601,7 +610,7 @@ def _check_vocabulary(spec, cfg, hf_config):
                      f"{vocab.eos_id - SHIFT}")
 
 
-def _stream_params(weights, model_type, cfg, partitioner):
+def stream_params(weights, model_type, cfg, partitioner):
   """The params tree, each leaf built on the host from its HF tensors and put
   into its target sharding before the next entry is read."""
   import jax

@@ -74,7 +74,8 @@ def test_no_import_cycles():
 # Modules that must import on a box with JAX, Flax, Optax and Orbax but no
 # TensorFlow, SeqIO or t5 (the GPU box; `paxgpt plan` on a TPU VM).
 JAX_ONLY = ("kernels", "paxgpt.model", "paxgpt.sharding", "paxgpt.optim", "paxgpt.accounting",
-            "paxgpt.train_step", "paxgpt.checkpoint", "paxgpt.sampling")
+            "paxgpt.train_step", "paxgpt.checkpoint", "paxgpt.sampling", "paxgpt.model_dir",
+            "paxgpt.hf", "paxgpt.bench_decode", "paxgpt.gpu_check")
 
 
 def test_jax_only_modules_import_without_tensorflow():

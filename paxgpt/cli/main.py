@@ -296,7 +296,7 @@ def _run(name, argv, quiet=False):
   function = getattr(importlib.import_module("paxgpt.cli.commands"), cmd.function)
   if cmd.needs_gin:
     with start_up_logs_hidden(quiet):
-      _register_configurables()
+      register_configurables()
     if not files and cmd.default_gin is None:
       raise UsageError(f"paxgpt {name} needs at least one --gin_file")
     files = files or list(cmd.default_gin)
@@ -308,7 +308,7 @@ def _run(name, argv, quiet=False):
   return int(function(args) or 0)
 
 
-def _register_configurables():
+def register_configurables():
   """Every gin configurable that gin files may bind, so an experiment file
   parses the same under every command."""
   for module in ("paxgpt.model", "paxgpt.optim", "paxgpt.checkpoint", "paxgpt.sharding",
