@@ -89,8 +89,9 @@ class Plan:
   kernel_cases: tuple
   attention: dict  # kernels.bench sizes: tokens, seqs, head_dims, width, window; runs
   train_seq: int
-  # (model, attention backend, remat policy) in priority order: rows past the
-  # section's time are skipped, so the figures that matter most come first.
+  # (model, attention backend, remat policy[, scan_layers]) in priority order:
+  # rows past the section's time are skipped, so the figures that matter most
+  # come first. scan_layers defaults to True (GPTConfig's training default).
   train_rows: tuple
   train_first_batch: dict  # {model: {remat: rows}}: the batch search's first compile
   train_max_batch: int
@@ -124,6 +125,7 @@ FULL = Plan(
         ("gpt3_small", "cudnn", "none"), ("gpt3_small", "gpu", "none"),
         ("gpt3_small", "reference", "none"),
         ("gpt3_xl", "cudnn", "none"), ("gpt3_xl", "gpu", "none"),
+        ("gpt3_small", "gpu", "none", False), ("gpt3_xl", "gpu", "none", False),
         ("gpt3_xl", "gpu", "dots_saveable"),
         ("gpt3_medium", "gpu", "none"),
         ("gpt3_xl", "gpu", "full"), ("gpt3_xl", "reference", "none"),
@@ -154,7 +156,7 @@ SMOKE = Plan(
     attention=dict(tokens=128, seqs=(64,), head_dims=(32,), width=64, window=16, runs=1),
     train_seq=32,
     train_rows=(("gpt3_tiny", "cudnn", "none"), ("gpt3_tiny", "gpu", "none"),
-                ("gpt3_tiny", "reference", "full")),
+                ("gpt3_tiny", "reference", "full"), ("gpt3_tiny", "reference", "full", False)),
     train_first_batch={"gpt3_tiny": {"none": 4, "dots_saveable": 4, "full": 4}},
     train_max_batch=4,
     train_steps=1,
@@ -278,7 +280,7 @@ def _result(row):
   if section == "train":
     mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     return (f"{row['tokens_per_s']:,.0f} tok/s, {row['step_ms']:.0f} ms/step, MFU {mfu}, "
-            f"{_fmt(row['memory_gib'], '.3g')} GiB")
+            f"{_fmt(row['memory_gib'], '.3g')} GiB, compile {row['compile_s']:.0f} s")
   roofline = "-" if row["roofline_fraction"] is None else f"{100 * row['roofline_fraction']:.0f}%"
   return (f"{row['tokens_per_s']:,.0f} tok/s, {row['ms_per_step']:.2f} ms/step, "
           f"{roofline} of HBM roofline")
@@ -471,17 +473,21 @@ def run_train(plan, report, clock):
   seq_len = plan.train_seq
   fitted = {}  # (model, remat) -> batch found by an earlier row: the next row's first try
   speeds = {}  # (model, remat, backend) -> tokens/s, for the ratio to cuDNN
-  for name, backend, remat in plan.train_rows:
-    row = dict(section="train", case=f"{name} T{seq_len} remat {remat}", backend=backend,
-               model=name, remat=remat, seq_len=seq_len)
+  for name, backend, remat, *scan in plan.train_rows:
+    scan_layers = scan[0] if scan else True
+    layers = "" if scan_layers else " unrolled"
+    row = dict(section="train", case=f"{name} T{seq_len} remat {remat}{layers}",
+               backend=backend, model=name, remat=remat, seq_len=seq_len,
+               scan_layers=scan_layers)
     if backend not in present:
       _skip(report, row, f"skipped: {backend} does not run on {jax.default_backend()}")
       continue
     if clock.left("train") <= 0:
       _skip(report, row, "skipped: over the section's time")
       continue
-    config = model_config(name, attention_backend=backend,
-                          remat_policy=remat, attention_interpret=interpret and backend == "gpu")
+    config = model_config(name, attention_backend=backend, remat_policy=remat,
+                          attention_interpret=interpret and backend == "gpu",
+                          scan_layers=scan_layers)
     try:
       result = _train_row(trainer, name, config, seq_len, plan, limit, fitted.get(
           (name, remat), plan.train_first_batch[name][remat]), clock)
@@ -492,7 +498,8 @@ def run_train(plan, report, clock):
     _, non_embedding = accounting.param_counts(model.abstract_variables(config))
     flops_per_token = accounting.flops_per_token(config, non_embedding, seq_len)
     tokens_per_s = result["batch"] * seq_len / result["step_s"]
-    speeds[(name, remat, backend)] = tokens_per_s
+    if scan_layers:
+      speeds[(name, remat, backend)] = tokens_per_s
     cudnn = speeds.get((name, remat, "cudnn"))
     stats = jax.devices()[0].memory_stats() or {}
     report.add(dict(row, status="ok", batch=result["batch"], step_ms=1e3 * result["step_s"],
@@ -504,7 +511,7 @@ def run_train(plan, report, clock):
                                       if "peak_bytes_in_use" in stats else None),
                     vs_cudnn=None if cudnn is None or backend == "cudnn"
                     else tokens_per_s / cudnn,
-                    tries=result["tries"]))
+                    tries=result["tries"], compile_s=result["compile_s"]))
   trainer.state = None
 
 
@@ -518,7 +525,9 @@ def _train_row(trainer, name, config, seq_len, plan, limit, first_batch, clock):
     tries.append(batch)
     running = False
     try:
+      compile_start = time.perf_counter()
       shardings, compiled = trainer.compile(config, batch, seq_len)
+      compile_s = time.perf_counter() - compile_start
       memory = _memory(compiled)
       if memory is not None and not searched:
         searched = True
@@ -530,11 +539,11 @@ def _train_row(trainer, name, config, seq_len, plan, limit, first_batch, clock):
         batch, compiled = batch // 2, None
         continue
       running = True
-      trainer.state_for(name, config, shardings)
+      trainer.state_for((name, config.scan_layers), config, shardings)
       step_s, loss = trainer.time_steps(
           compiled, _synthetic_batch(batch, seq_len, config.vocab_size, trainer.partitioner),
           plan.train_steps)
-      return dict(batch=batch, step_s=step_s, loss=loss, tries=tries,
+      return dict(batch=batch, step_s=step_s, loss=loss, tries=tries, compile_s=compile_s,
                   memory=None if memory is None else sum(memory))
     except Exception as err:
       if running:  # a donated state is gone after a failed step: start afresh
