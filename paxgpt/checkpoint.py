@@ -131,11 +131,38 @@ def restore_params(directory, abstract_params, step=None):
   checkpointer = Checkpointer(directory, read_only=True)
   try:
     step = resolve_step(checkpointer, directory, step)
+    check_stored_shapes(os.path.join(checkpointer.directory, str(step), "params"),
+                        abstract_params)
     restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params)))
     return restored.params
   finally:
     checkpointer.close()
+
+
+def _path_name(path):
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def check_stored_shapes(params_dir, abstract_params):
+  """UsageError naming the parameters whose shapes differ from the stored ones
+  (a model config that does not match the checkpoint), instead of Orbax's
+  traceback on the first of them."""
+  try:
+    stored = ocp.StandardCheckpointer().metadata(params_dir)
+  except (OSError, ValueError, FileNotFoundError):
+    return  # not readable as metadata: the restore reports it
+  stored = getattr(stored, "item_metadata", stored)
+  found = {_path_name(p): tuple(m.shape) for p, m in
+           jax.tree_util.tree_flatten_with_path(stored)[0] if hasattr(m, "shape")}
+  wanted = {_path_name(p): tuple(x.shape) for p, x in
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  diff = [f"{name} {wanted.get(name, 'absent')} (checkpoint: {found.get(name, 'absent')})"
+          for name in sorted(set(found) | set(wanted)) if found.get(name) != wanted.get(name)]
+  if diff:
+    shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+    raise UsageError(f"the model config does not match the checkpoint in {params_dir}: "
+                     f"{shown}")
 
 
 def resolve_step(checkpointer, directory, step):

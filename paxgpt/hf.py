@@ -176,7 +176,8 @@ class Weights:
   def read(self, name) -> np.ndarray:
     shard = self.where[name]
     key = name if name in shard.tensors else "transformer." + name
-    return shard.read(key).astype(np.float32)
+    array = shard.read(key)
+    return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -408,7 +409,8 @@ def config_to_hf(cfg: model.GPTConfig, eos_id=None):
         resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate, attn_pdrop=0.0, **common)
   if cfg.qkv_bias:
     raise UsageError("qkv_bias=True: a dense/banded model exports as GPT-Neo, whose q/k/v "
-                     "projections have no bias")
+                     "projections have no bias (train with GPTConfig.qkv_bias = False to "
+                     "export as GPT-Neo)")
   kinds = [["global" if k == "dense" else "local" for k in cfg.attention_pattern],
            cfg.num_periods]
   return "gpt_neo", dict(
@@ -610,8 +612,7 @@ def _stream_params(weights, model_type, cfg, partitioner):
   params, nbytes = {}, 0
   for entry in _entries(model_type, cfg):
     if not entry.per_layer:
-      arrays = entry.to_ours([weights.read(n) for n in entry.hf], cfg)
-      hosts = dict(zip(entry.ours, arrays))
+      hosts = dict(zip(entry.ours, entry.to_ours([weights.read(n) for n in entry.hf], cfg)))
       paths = {o: _leaf_path(entry, o) for o in entry.ours}
     else:  # stacked over periods: one host buffer per leaf of this block kind
       hosts, paths = {}, {}
@@ -633,17 +634,30 @@ def _stream_params(weights, model_type, cfg, partitioner):
       _set(params, paths[key], jax.make_array_from_callback(
           target.shape, target.sharding, lambda index, h=host: h[index]))
       nbytes += host.nbytes
-    del hosts
+    del hosts, host  # before the next entry's buffers exist
   return params, nbytes
 
 
+# Bytes Orbax may hold on the host while writing: its default copies every
+# array off the device first, which on a CPU backend (device memory = host
+# memory) would put the model in host memory twice.
+SAVE_HOST_GB = 0.1
+
+
 def _save_params(directory, params):
+  """checkpoints/0 with the params item alone (what sample, eval, export and
+  init_from restore), in the format checkpoint.py's StandardRestore reads."""
   import orbax.checkpoint as ocp
-  manager = checkpoint.Checkpointer(directory, checkpoint.CheckpointConfig(async_save=False))
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  handlers = {"params": ocp.PyTreeCheckpointHandler(
+      save_device_host_concurrent_gb=SAVE_HOST_GB), "meta": ocp.JsonCheckpointHandler()}
+  manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(directory), options=options,
+                                  item_handlers=handlers)
   try:
-    manager.manager.save(0, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
+    manager.save(0, args=ocp.args.Composite(
+        params=ocp.args.PyTreeSave(params),
         meta=ocp.args.JsonSave({"step": 0, "validation_loss": None})), force=True)
+    manager.wait_until_finished()
   finally:
     manager.close()
 

@@ -84,3 +84,31 @@ def _one_device():
   return one_device()
 
 
+
+
+# Text with the cases a byte-level BPE must get right: contractions, digit runs,
+# runs of spaces and newlines, accented and CJK characters, emoji.
+BPE_TEXTS = [
+    "Hello world, it's 12345 o'clock; don't we'll they've I'm you're she'd.",
+    "   three spaces\n\n\ttab then  two  spaces   \n",
+    "naïve café résumé — 東京 日本語 😀🚀 ¡olé! 3.14159 and 2026",
+    "The end.",
+]
+
+
+def byte_level_bpe(directory, vocab_size=300):
+  """A byte-level BPE trained with the tokenizers library (specials first, then
+  the byte alphabet in its own order, then merges: not GPT-2's id order),
+  saved as transformers saves a tokenizer (tokenizer.json)."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(BPE_TEXTS * 20, trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                              eos_token="<|endoftext|>")
+  fast.save_pretrained(str(directory))
+  return fast

@@ -1,6 +1,7 @@
 """Vocabularies: specs, GPT-2 BPE through tiktoken, trained SentencePiece."""
 import base64
 import json
+import os
 
 import numpy as np
 import pytest
@@ -156,3 +157,61 @@ def test_paxgpt_vocab_command(tmp_path, capsys):
   error = capsys.readouterr().err
   assert error.startswith("paxgpt: error: no task or mixture named 'no_such_task'")
   assert len(error.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------
+# The layouts transformers writes, against transformers' AutoTokenizer.
+
+
+def _assert_same_as_autotokenizer(directory, texts, backend):
+  import transformers
+  from conftest import BPE_TEXTS
+  vocab = tasks.GPT2BPEVocabulary(str(directory))
+  assert vocab.backend == backend
+  theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+  assert vocab.eos_id == theirs.convert_tokens_to_ids("<|endoftext|>") + 1
+  assert vocab.vocab_size == len(theirs) + 1
+  for text in list(texts) + BPE_TEXTS:
+    ids = vocab.encode(text)
+    assert [i - 1 for i in ids] == theirs(text, add_special_tokens=False)["input_ids"], text
+    assert vocab.decode(ids) == text
+    assert vocab.encode_tf(tf.constant(text)).numpy().tolist() == ids
+  return vocab
+
+
+COMPARED = [t for t in TEXTS if "<|endoftext|>" not in t]  # transformers makes it special
+
+
+def test_a_bpe_trained_with_the_tokenizers_library_matches_autotokenizer(tmp_path):
+  from conftest import byte_level_bpe
+  trained = byte_level_bpe(tmp_path / "json")
+  vocab = _assert_same_as_autotokenizer(tmp_path / "json", COMPARED, "tokenizers")
+  assert vocab.eos_id == 1  # the trainer put <|endoftext|> first: id 0, shifted
+  for text in TEXTS:  # '<|endoftext|>' in a document is text, as with tiktoken
+    assert vocab.eos_id not in vocab.encode(text) and vocab.decode(vocab.encode(text)) == text
+  # The same model as vocab.json + merges.txt (transformers' slow layout).
+  (tmp_path / "files").mkdir()
+  trained.backend_tokenizer.model.save(str(tmp_path / "files"))
+  (tmp_path / "files" / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
+       "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+  from_files = _assert_same_as_autotokenizer(tmp_path / "files", COMPARED, "tokenizers")
+  assert from_files.encode(TEXTS[1]) == vocab.encode(TEXTS[1])
+
+
+def test_gpt2_order_in_transformers_layouts_uses_tiktoken(tmp_path):
+  import transformers
+  (tmp_path / "files").mkdir()
+  encoder = write_gpt2_files(tmp_path / "files")
+  os.rename(tmp_path / "files" / "encoder.json", tmp_path / "files" / "vocab.json")
+  os.rename(tmp_path / "files" / "vocab.bpe", tmp_path / "files" / "merges.txt")
+  (tmp_path / "files" / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
+       "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+  vocab = _assert_same_as_autotokenizer(tmp_path / "files", COMPARED, "tiktoken")
+  assert vocab.eos_id == encoder["<|endoftext|>"] + 1
+  # transformers' own save of it is a tokenizer.json in GPT-2's order: tiktoken too.
+  transformers.AutoTokenizer.from_pretrained(str(tmp_path / "files")).save_pretrained(
+      str(tmp_path / "json"))
+  assert "tokenizer.json" in os.listdir(tmp_path / "json")
+  _assert_same_as_autotokenizer(tmp_path / "json", COMPARED, "tiktoken")
