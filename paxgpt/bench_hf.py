@@ -50,7 +50,7 @@ def write_random_checkpoint(directory, shape):
     json.dump(config, f)
   _, kwargs = hf.config_from_hf(config)
   cfg = model.GPTConfig(**kwargs)
-  _, specs = hf._hf_tensor_specs("gpt_neo", cfg)
+  specs = hf.hf_tensor_specs("gpt_neo", cfg)
   rng = np.random.default_rng(0)
   tensors = [(f"transformer.{name}", shape,
               lambda shape=shape: rng.standard_normal(shape, np.float32) * 0.02)
