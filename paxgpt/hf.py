@@ -42,6 +42,7 @@ import struct
 import tempfile
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from paxgpt import checkpoint, model, model_dir as model_dir_lib, sharding
@@ -178,7 +179,8 @@ class Weights:
   def read(self, name) -> np.ndarray:
     shard = self.where[name]
     key = name if name in shard.tensors else "transformer." + name
-    return shard.read(key).astype(np.float32)
+    array = shard.read(key)
+    return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -256,13 +258,9 @@ def _embedding_to_hf(a, cfg):
   return [a[0][SHIFT:cfg.vocab_size]]
 
 
-def _positions_to_ours(a, cfg):
-  return [a[0][:cfg.max_len]]
-
-
 _GLOBAL = [
     Entry(("wte.weight",), ("token_embedding",), _embedding_to_ours, _embedding_to_hf, False),
-    Entry(("wpe.weight",), ("position_embedding",), _positions_to_ours, _same, False),
+    Entry(("wpe.weight",), ("position_embedding",), _same, _same, False),
     *[dataclasses.replace(e, per_layer=False) for e in _ln("ln_f", "ln_final")],
 ]
 
@@ -292,9 +290,9 @@ def _c_attn_to_hf(a, cfg):
   factor = _q_factor(cfg, _gpt2_scale(cfg))
   kernels = [x.reshape(cfg.d_model, -1) for x in a[:3]]
   biases = [x.reshape(-1) for x in a[3:]] if len(a) > 3 else [
-      np.zeros(cfg.num_heads * cfg.head_dim, np.float32)] * 3
+      jnp.zeros(cfg.num_heads * cfg.head_dim, jnp.float32)] * 3
   kernels[0], biases[0] = kernels[0] * factor, biases[0] * factor
-  return [np.concatenate(kernels, axis=1), np.concatenate(biases)]
+  return [jnp.concatenate(kernels, axis=1), jnp.concatenate(biases)]
 
 
 GPT2 = _GLOBAL + [
@@ -410,7 +408,8 @@ def config_to_hf(cfg: model.GPTConfig, eos_id=None):
         resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate, attn_pdrop=0.0, **common)
   if cfg.qkv_bias:
     raise UsageError("qkv_bias=True: a dense/banded model exports as GPT-Neo, whose q/k/v "
-                     "projections have no bias")
+                     "projections have no bias (train with GPTConfig.qkv_bias = False to "
+                     "export as GPT-Neo)")
   kinds = [["global" if k == "dense" else "local" for k in cfg.attention_pattern],
            cfg.num_periods]
   return "gpt_neo", dict(
@@ -457,51 +456,39 @@ def _entries(model_type, cfg):
   return table
 
 
-def _check_hf_shapes(weights, model_type, cfg, hf_config):
+def _check_hf_shapes(weights, model_type, cfg):
   """Every tensor the table reads is there with the shape the table's export
   direction produces (so a mismatch names the tensor, before anything is written)."""
-  _, expected = _hf_tensor_specs(model_type, cfg, positions=hf_config.get(
-      "max_position_embeddings", hf_config.get("n_positions")))
-  for name, shape in expected:
+  for name, shape in hf_tensor_specs(model_type, cfg):
     found = weights.shape(name)
     if tuple(found) != tuple(shape):
       raise UsageError(f"tensor {name!r} has shape {tuple(found)}; config.json implies "
                        f"{tuple(shape)}")
 
 
-def _hf_tensor_specs(model_type, cfg, positions=None):
-  """(entries with their layer, [(HF name, shape)]) in the table's order."""
-  hd = cfg.num_heads * cfg.head_dim
-  shapes = {}
-  if model_type == "gpt_neo":
-    per = {"ln_1": (cfg.d_model,), "ln_2": (cfg.d_model,), "q_proj.weight": (hd, cfg.d_model),
-           "k_proj.weight": (hd, cfg.d_model), "v_proj.weight": (hd, cfg.d_model),
-           "out_proj.weight": (cfg.d_model, hd), "out_proj.bias": (cfg.d_model,),
-           "c_fc.weight": (cfg.d_ff, cfg.d_model), "c_fc.bias": (cfg.d_ff,),
-           "c_proj.weight": (cfg.d_model, cfg.d_ff), "c_proj.bias": (cfg.d_model,)}
-  else:
-    per = {"ln_1": (cfg.d_model,), "ln_2": (cfg.d_model,), "c_attn.weight": (cfg.d_model, 3 * hd),
-           "c_attn.bias": (3 * hd,), "attn.c_proj.weight": (hd, cfg.d_model),
-           "attn.c_proj.bias": (cfg.d_model,), "c_fc.weight": (cfg.d_model, cfg.d_ff),
-           "c_fc.bias": (cfg.d_ff,), "mlp.c_proj.weight": (cfg.d_ff, cfg.d_model),
-           "mlp.c_proj.bias": (cfg.d_model,)}
-  glob = {"wte.weight": (cfg.vocab_size - SHIFT, cfg.d_model),
-          "wpe.weight": (positions or cfg.max_len, cfg.d_model),
-          "ln_f.weight": (cfg.d_model,), "ln_f.bias": (cfg.d_model,)}
+def _layers(entry, cfg):
+  return _blocks(cfg) if entry.per_layer else [(None, None, None)]
+
+
+def hf_tensor_specs(model_type, cfg):
+  """[(HF name, shape)] in the table's order, from its export direction applied
+  to the model's abstract parameters: the shapes have one source, the table."""
+  import flax.linen as nn
+  import jax
+  abstract = nn.unbox(model.abstract_variables(cfg)["params"])
   out = []
   for entry in _entries(model_type, cfg):
-    layers = [(None, None, None)] if not entry.per_layer else _blocks(cfg)
+    layers = _layers(entry, cfg)
+    block = layers[0][1]
+    leaves = []
+    for ours in entry.ours:
+      leaf = _get(abstract, _leaf_path(entry, ours, block))
+      leaves.append(jax.ShapeDtypeStruct(leaf.shape[1:] if entry.per_layer else leaf.shape,
+                                         leaf.dtype))
+    shapes = jax.eval_shape(lambda *a, entry=entry: entry.to_hf(list(a), cfg), *leaves)
     for layer, _, _ in layers:
-      for name in entry.hf:
-        full = name.format(i=layer)
-        if not entry.per_layer:
-          shape = glob[full]
-        else:
-          shape = next(s for k, s in sorted(per.items(), key=lambda kv: -len(kv[0]))
-                       if full.endswith(k) or f".{k}." in full)
-        shapes[full] = shape
-        out.append((full, shape))
-  return None, out
+      out += [(n.format(i=layer), tuple(x.shape)) for n, x in zip(entry.hf, shapes)]
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -569,7 +556,7 @@ def read_hf(hf_dir, dtype="float32"):
   except (ValueError, TypeError) as e:
     raise UsageError(f"config.json: {e}") from None
   weights = Weights(hf_dir)
-  _check_hf_shapes(weights, model_type, cfg, hf_config)
+  _check_hf_shapes(weights, model_type, cfg)
   return hf_config, model_type, cfg, weights
 
 
@@ -619,8 +606,7 @@ def stream_params(weights, model_type, cfg, partitioner):
   params, nbytes = {}, 0
   for entry in _entries(model_type, cfg):
     if not entry.per_layer:
-      arrays = entry.to_ours([weights.read(n) for n in entry.hf], cfg)
-      hosts = dict(zip(entry.ours, arrays))
+      hosts = dict(zip(entry.ours, entry.to_ours([weights.read(n) for n in entry.hf], cfg)))
       paths = {o: _leaf_path(entry, o) for o in entry.ours}
     else:  # stacked over periods: one host buffer per leaf of this block kind
       hosts, paths = {}, {}
@@ -642,17 +628,30 @@ def stream_params(weights, model_type, cfg, partitioner):
       _set(params, paths[key], jax.make_array_from_callback(
           target.shape, target.sharding, lambda index, h=host: h[index]))
       nbytes += host.nbytes
-    del hosts
+    del hosts, host  # before the next entry's buffers exist
   return params, nbytes
 
 
+# Bytes Orbax may hold on the host while writing: its default copies every
+# array off the device first, which on a CPU backend (device memory = host
+# memory) would put the model in host memory twice.
+SAVE_HOST_GB = 0.1
+
+
 def _save_params(directory, params):
+  """checkpoints/0 with the params item alone (what sample, eval, export and
+  init_from restore), in the format checkpoint.py's StandardRestore reads."""
   import orbax.checkpoint as ocp
-  manager = checkpoint.Checkpointer(directory, checkpoint.CheckpointConfig(async_save=False))
+  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+  handlers = {"params": ocp.PyTreeCheckpointHandler(
+      save_device_host_concurrent_gb=SAVE_HOST_GB), "meta": ocp.JsonCheckpointHandler()}
+  manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(directory), options=options,
+                                  item_handlers=handlers)
   try:
-    manager.manager.save(0, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
+    manager.save(0, args=ocp.args.Composite(
+        params=ocp.args.PyTreeSave(params),
         meta=ocp.args.JsonSave({"step": 0, "validation_loss": None})), force=True)
+    manager.wait_until_finished()
   finally:
     manager.close()
 
@@ -698,11 +697,9 @@ def export_hf(model_dir, hf_dir, step=None, mesh=None):
 def _write_weights(path, model_type, cfg, params):
   """model.safetensors, each HF tensor computed from its leaves' slices when written."""
   tensors = []
-  _, specs = _hf_tensor_specs(model_type, cfg)
-  shapes = dict(specs)
+  shapes = dict(hf_tensor_specs(model_type, cfg))
   for entry in _entries(model_type, cfg):
-    layers = [(None, None, None)] if not entry.per_layer else _blocks(cfg)
-    for layer, block, period in layers:
+    for layer, block, period in _layers(entry, cfg):
       def make_all(entry=entry, block=block, period=period):
         arrays = []
         for ours in entry.ours:

@@ -60,6 +60,16 @@ def bucket_length(length, multiple, cap):
   return min(-(-length // step) * step, cap)
 
 
+def _positive_int(name, value):
+  try:
+    number = int(value)
+  except (TypeError, ValueError):
+    number = 0
+  if number < 1 or str(number) != str(value).strip():
+    raise UsageError(f"paxgpt model_args: {name}={value} must be a positive integer")
+  return number
+
+
 def _parse_mesh(mesh):
   """A mesh flag; model_args are comma-separated, so axes may be joined by '+'."""
   if mesh is None or isinstance(mesh, jax.sharding.Mesh):
@@ -123,15 +133,14 @@ class PaxGPTLM(TemplateLM):
                        f"vocab_size is {config.vocab_size}")
     self.config, self.params, self.vocab, self.partitioner = config, params, vocab, partitioner
     self._batch_multiple = partitioner.shards("batch")
-    rows = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else (
-        int(batch_size))
-    if rows < 1:
-      raise UsageError(f"paxgpt model_args: batch_size={batch_size} must be >= 1")
+    # The harness's "auto" batch sizes probe torch memory; 16 rows here.
+    rows = 16 if batch_size is None or str(batch_size).startswith("auto") else (
+        _positive_int("batch_size", batch_size))
     self.rows = -(-rows // self._batch_multiple) * self._batch_multiple
-    self._max_gen_toks = int(max_gen_toks)
+    self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
     self.seed = int(seed)
-    self.length_bucket = int(length_bucket)
-    self.stop_check_every = int(stop_check_every)
+    self.length_bucket = _positive_int("length_bucket", length_bucket)
+    self.stop_check_every = _positive_int("stop_check_every", stop_check_every)
     boxed = model.abstract_variables(config)["params"]
     self._score = train_step.make_score_step(config, partitioner,
                                              partitioner.tree_shardings(boxed))
@@ -388,20 +397,22 @@ def check_tasks(manager, task_names, include_path=None):
 
 
 def evaluate(lm, task_names, *, num_fewshot=None, limit=None, include_path=None,
-             log_samples=False, manager=None, seed=DEFAULT_SEED):
+             log_samples=False, manager=None, seed=DEFAULT_SEED, bootstrap_iters=0):
   """The harness's simple_evaluate on `lm` (its results dict). Unknown task
-  names are a UsageError naming them."""
+  names are a UsageError naming them. bootstrap_iters > 0 adds standard errors
+  (the harness bootstraps non-mean metrics in forked worker processes)."""
   from lm_eval import evaluator
   manager = manager or tasks_manager_for(task_names, include_path)
   names = check_tasks(manager, task_names, include_path)
   return evaluator.simple_evaluate(
       model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
       log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters)
 
 
 def run(model_dir, task_names, *, num_fewshot=None, limit=None, include_path=None,
-        step=None, mesh=None, batch_size=16, output=None, log_samples=False):
+        step=None, mesh=None, batch_size=16, output=None, log_samples=False,
+        bootstrap_iters=0):
   """`paxgpt fewshot`: the task names are checked before the checkpoint is
   loaded; the results dict (with per-request samples when log_samples) is
   written to `output` as JSON when given. Returns the results dict."""
@@ -410,7 +421,7 @@ def run(model_dir, task_names, *, num_fewshot=None, limit=None, include_path=Non
   check_tasks(manager, task_names, include_path)
   lm = PaxGPTLM(model_dir=model_dir, step=step, mesh=mesh, batch_size=batch_size)
   results = evaluate(lm, task_names, num_fewshot=num_fewshot, limit=limit,
-                     log_samples=log_samples, manager=manager)
+                     log_samples=log_samples, manager=manager, bootstrap_iters=bootstrap_iters)
   if output:
     with open(output, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1, default=handle_non_serializable, ensure_ascii=False)

@@ -82,7 +82,7 @@ def write(model_dir, model_config: model.GPTConfig, vocabulary_spec: str | None,
                      "vocabulary": spec}, indent=1) + "\n"
   temporary = directory / f".{MODEL_JSON}.tmp"
   temporary.write_text(text)
-  temporary.rename(directory / MODEL_JSON)
+  temporary.replace(directory / MODEL_JSON)  # overwrites: a resumed run rewrites it
   if gin_config is not None:
     (directory / CONFIG_GIN).write_text(gin_config)
 

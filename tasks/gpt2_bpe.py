@@ -216,17 +216,24 @@ def _find_gpt2_files(location: str):
 
 
 class _TokenizersBackend:
-  """The tokenizers library behind the same interface as a tiktoken Encoding."""
+  """The tokenizers library behind the same interface as a tiktoken Encoding.
+  Encoding goes through a copy without the special tokens, so that
+  '<|endoftext|>' written in a document is text, as with tiktoken's
+  encode_ordinary (AutoTokenizer would make it EOS)."""
 
   def __init__(self, tokenizer, where):
+    import tokenizers
     self._tok = tokenizer
     self.eot_token = tokenizer.token_to_id(END_OF_TEXT)
     if self.eot_token is None:
       raise VocabularyError(f"gpt2 vocabulary {where}: no {END_OF_TEXT} token")
     self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
+    self._ordinary = tokenizers.Tokenizer.from_str(json.dumps(spec))
 
   def encode_ordinary(self, text):
-    return self._tok.encode(text, add_special_tokens=False).ids
+    return self._ordinary.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids, errors="replace"):
     del errors  # the byte-level decoder replaces broken UTF-8 as tiktoken does

@@ -269,3 +269,36 @@ def test_config_translation_round_trips_and_refuses_what_it_cannot_express():
   assert cfg.attention_scale == 1.0 and cfg.qkv_bias
   with pytest.raises(UsageError, match="qkv_bias=True"):
     hf.config_to_hf(model.GPTConfig(vocab_size=300, num_layers=2, d_model=64, num_heads=4))
+
+
+@pytest.mark.parametrize("pattern,arch", [(("dense", "banded"), "GPTNeoForCausalLM"),
+                                          (("dense",), "GPT2LMHeadModel")])
+def test_a_model_trained_in_paxgpt_exports_with_its_attention_scale(pattern, arch, tmp_path):
+  """paxgpt scales q.k by 1/sqrt(head_dim); GPT-Neo does not, so export folds
+  the scale into q_proj. A dense/banded model needs qkv_bias=False (GPT-Neo's
+  q/k/v have none); an all-dense one keeps its biases (GPT-2's c_attn)."""
+  import types
+  from paxgpt import checkpoint, sampling
+  cfg = model.GPTConfig(vocab_size=259, num_layers=2, d_model=60, num_heads=5, max_len=64,
+                        window=WINDOW, attention_pattern=pattern, dtype="float32",
+                        qkv_bias=len(pattern) == 1, init_std=0.2)
+  partitioner = sharding.Partitioner(sharding.mesh_from_flag(MESH))
+  params = sampling.init_params(cfg, partitioner, seed=3)
+  if cfg.qkv_bias:  # nonzero biases, so that the export of c_attn's bias is checked
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if "bias" in jax.tree_util.keystr(p) else x, params)
+  run = tmp_path / "run"
+  saver = checkpoint.Checkpointer(run, checkpoint.CheckpointConfig(async_save=False))
+  saver.save(5, types.SimpleNamespace(params=params, opt_state={"count": np.zeros((), np.int32)}),
+             {"epoch": 0})
+  saver.close()
+  model_dir.write(run, cfg, "byte")
+  assert cli("export", f"--model_dir={run}", f"--hf_dir={tmp_path / 'out'}",
+             f"--mesh={MESH}") == 0
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+  assert type(exported).__name__ == arch
+  assert not (tmp_path / "out" / "tokenizer_config.json").exists()  # byte vocabulary
+  ids = np.random.RandomState(2).randint(1, 259, (2, 40))
+  ours = np.asarray(model.GPT(cfg).apply({"params": params}, ids))[..., 1:259]
+  theirs = hf_logits(exported, ids - 1)
+  np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())

@@ -187,6 +187,8 @@ def test_a_bpe_trained_with_the_tokenizers_library_matches_autotokenizer(tmp_pat
   trained = byte_level_bpe(tmp_path / "json")
   vocab = _assert_same_as_autotokenizer(tmp_path / "json", COMPARED, "tokenizers")
   assert vocab.eos_id == 1  # the trainer put <|endoftext|> first: id 0, shifted
+  for text in TEXTS:  # '<|endoftext|>' in a document is text, as with tiktoken
+    assert vocab.eos_id not in vocab.encode(text) and vocab.decode(vocab.encode(text)) == text
   # The same model as vocab.json + merges.txt (transformers' slow layout).
   (tmp_path / "files").mkdir()
   trained.backend_tokenizer.model.save(str(tmp_path / "files"))

@@ -107,7 +107,8 @@ def fewshot(args):
   results = lm_eval_model.run(
       model_dir, args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
       include_path=args.include_path, step=args.step, mesh=sharding.mesh_from_flag(args.mesh),
-      batch_size=args.batch_size, output=args.output, log_samples=args.log_samples)
+      batch_size=args.batch_size, output=args.output, log_samples=args.log_samples,
+      bootstrap_iters=args.bootstrap_iters)
   if _is_chief():
     print(lm_eval_model.results_table(results), flush=True)
   return 0

@@ -128,6 +128,9 @@ COMMANDS = {
                                                      help="per-request results in --output")),
                               ("--batch_size", dict(type=int, default=16,
                                                     help="rows per forward pass (default 16)")),
+                              ("--bootstrap_iters", dict(type=int, default=0,
+                                                         help="> 0: standard errors (default "
+                                                              "0: none)")),
                               ("--step", dict(type=int, default=None,
                                               help="checkpoint step (default latest)")))),
 }
