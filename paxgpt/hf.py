@@ -51,8 +51,6 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 VOCABULARY_SUBDIR = "vocabulary"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("encoder.json", "vocab.bpe", "tokenizer.json", "vocab.json", "merges.txt",
-                   "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ---------------------------------------------------------------------------
@@ -529,6 +527,7 @@ def _finish(staging, out):
 
 
 def _copy_vocabulary(hf_dir, target):
+  from tasks.gpt2_bpe import TOKENIZER_FILES
   files = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
   if not files:
     raise UsageError(f"--hf_dir={hf_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:5])})")
@@ -637,7 +636,8 @@ def _save_params(directory, params):
   import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   handlers = {"params": ocp.PyTreeCheckpointHandler(
-      save_device_host_concurrent_gb=SAVE_HOST_GB, use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()}
+      save_device_host_concurrent_gb=SAVE_HOST_GB, use_ocdbt=False),
+              "meta": ocp.JsonCheckpointHandler()}
   manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(directory), options=options,
                                   item_handlers=handlers)
   try:
@@ -714,6 +714,7 @@ def _write_tokenizer(location, staging, cfg):
   """Copy the vocabulary's files so that AutoTokenizer loads them; OpenAI's
   encoder.json + vocab.bpe become vocab.json + merges.txt. False when the
   vocabulary is a .tiktoken file (no transformers layout to write)."""
+  from tasks.gpt2_bpe import TOKENIZER_FILES
   if not os.path.isdir(location):
     return False
   names = set(os.listdir(location))
