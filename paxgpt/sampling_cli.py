@@ -1,7 +1,9 @@
 """`paxgpt sample`: completions for a JSONL file of prompts, from a training checkpoint.
 
-  paxgpt sample --gin_file=gin/experiments/demo.gin --gin_file=gin/runs/sample.gin \
-      --gin.CHECKPOINT_DIR="'runs/demo'" --prompts=IN.jsonl --output=OUT.jsonl
+  paxgpt sample --gin.CHECKPOINT_DIR="'runs/demo'" --prompts=IN.jsonl --output=OUT.jsonl
+
+The model config and vocabulary are the ones MODEL_DIR carries (model.json,
+paxgpt/model_dir.py); a model gin file given as well must match them.
 
 Each input line is a JSON object with `prompt` and optional settings:
   n (samples, or best beams), max_tokens, stop (a string or a list, matched on the

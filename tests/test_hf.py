@@ -302,3 +302,20 @@ def test_a_model_trained_in_paxgpt_exports_with_its_attention_scale(pattern, arc
   ours = np.asarray(model.GPT(cfg).apply({"params": params}, ids))[..., 1:259]
   theirs = hf_logits(exported, ids - 1)
   np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+
+
+def test_sharded_safetensors_import_like_one_file(imported, tmp_path):
+  arch, hf_model, tokenizer, root = imported
+  if arch != "gpt2":
+    pytest.skip("the weights' files do not depend on the architecture")
+  hf_model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+  tokenizer.save_pretrained(str(tmp_path / "sharded"))
+  files = os.listdir(tmp_path / "sharded")
+  assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+  assert len([n for n in files if n.endswith(".safetensors")]) > 2
+  assert cli("import", f"--hf_dir={tmp_path / 'sharded'}", f"--model_dir={tmp_path / 'pax'}",
+             f"--mesh={MESH}") == 0
+  _, _, one = restore(root / "pax")
+  _, _, sharded = restore(tmp_path / "pax")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               one, sharded)
