@@ -300,6 +300,8 @@ def restore_params(directory, abstract_params, step=None, step_flag="--step"):
           params=ocp.args.StandardRestore(abstract_params)))
     except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
       error = restore_error(checkpointer.directory, step, e, abstract_params)
+      if isinstance(error, ShapeMismatchError):  # every step has that shape: no --step hint
+        raise error from None
       others = sorted(s for s in checkpointer.all_steps() if s != step)
       raise type(error)(f"{error}; saved steps: {sorted(checkpointer.all_steps())}"
                         + (f" (choose another with {step_flag})" if others else "")) from None

@@ -5,6 +5,7 @@ corrupt checkpoint is one line and training resumes from an older one (5), a
 failed save is reported at once (6), bad input is exit 2 and one stderr line
 (7), start-up noise is hidden (9), resumes are marked in metrics.jsonl (10),
 progress bars on a terminal only (11)."""
+import dataclasses
 import errno
 import glob
 import io
@@ -14,8 +15,6 @@ import os
 import subprocess
 import sys
 
-import gin
-import jax
 import numpy as np
 import pytest
 
@@ -156,7 +155,8 @@ def test_results_are_written_as_they_complete_and_a_crash_keeps_them(tmp_path, m
   prompts.write_text("\n".join(lines) + "\n")
   output = str(tmp_path / "out.jsonl")
   decoder = _FakeDecoder(fail_at=2 * sampling_cli.CHUNK_BATCHES + 1)  # in the third chunk
-  monkeypatch.setattr(sampling_cli, "SampleConfig", lambda: dataclass_with_dir(config))
+  monkeypatch.setattr(sampling_cli, "SampleConfig",
+                      lambda: dataclasses.replace(config, checkpoint_dir="unused"))
   monkeypatch.setattr(sampling_cli, "_decoder", lambda *a: (
       tiny(), tasks.get_vocabulary("byte"), decoder))
   with pytest.raises(RuntimeError, match="the decoder died"):
@@ -171,11 +171,6 @@ def test_results_are_written_as_they_complete_and_a_crash_keeps_them(tmp_path, m
   assert sampling_cli.sample_file(str(prompts), output) == 0
   assert not os.path.exists(output + ".partial")
   assert [json.loads(line)["completions"] for line in open(output)] == [["A"]] * len(lines)
-
-
-def dataclass_with_dir(config):
-  import dataclasses
-  return dataclasses.replace(config, checkpoint_dir="unused")
 
 
 # --- 4: per-line caps; finite numbers -----------------------------------------

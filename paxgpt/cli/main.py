@@ -273,7 +273,15 @@ def _register_configurables():
 
 
 def entry_point():
-  sys.exit(main())
+  code = main()
+  if code and "--verbose" not in sys.argv[1:]:
+    # The error is already said in one line. Orbax's reads and writes still in
+    # flight when a restore or save failed print pages of "Exception ignored" and
+    # "Event loop is closed" tracebacks as the interpreter shuts down.
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+  sys.exit(code)
 
 
 if __name__ == "__main__":
