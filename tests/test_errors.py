@@ -120,6 +120,17 @@ def test_a_prompts_file_that_is_not_utf8_names_the_line(tmp_path):
     sampling_cli.read_prompts(str(path))
 
 
+def test_a_text_file_that_is_not_utf8_is_one_line(tmp_path):
+  import tasks
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"fine\n\xff\n")
+  name = tasks.text_files_task(name="not_utf8_corpus", train_files=str(bad),
+                               validation_files=str(bad))
+  config = data.DataConfig(mixture_or_task=name, sequence_length=32, batch_size=8)
+  with pytest.raises(data.DataError, match=r"bad\.txt line 2: not UTF-8"):
+    next(data.TrainIterator(config, one_device()))
+
+
 # --- 3: the sampler's output: checked first, streamed, renamed at the end -----
 
 @pytest.mark.parametrize("output, message", [
