@@ -187,8 +187,11 @@ def quiet_start_up():
   the Python loggers' notes; `start_up_logs_hidden` hides the C++ ones."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import logging
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.FATAL)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.FATAL)
+  except ImportError:  # a box without absl has no absl log lines either
+    pass
   for name in ("jax", "orbax", "tensorflow"):
     logging.getLogger(name).setLevel(logging.ERROR)
 
