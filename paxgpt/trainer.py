@@ -25,6 +25,7 @@ from paxgpt import data as data_lib
 from paxgpt.config import check_types
 from paxgpt.errors import ConfigError, RunDirBusyError, UsageError
 from paxgpt.metrics import MetricsWriter
+from paxgpt.progress import progress
 from paxgpt.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
                                evaluate_params, make_eval_step, make_train_step)
 
@@ -393,5 +394,7 @@ def evaluate(model_dir=gin.REQUIRED, *, mesh=None, step=None, model_config=None,
   boxed = model.abstract_variables(model_config)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
   eval_step = make_eval_step(model_config, partitioner, partitioner.tree_shardings(boxed))
-  result = evaluate_params(eval_step, params, data_lib.eval_batches(data_config, partitioner))
+  batches = progress(data_lib.eval_batches(data_config, partitioner), "eval",
+                     total=data_config.eval_max_batches, unit="batches")
+  result = evaluate_params(eval_step, params, batches)
   return {"step": step, **result}

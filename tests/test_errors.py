@@ -335,6 +335,10 @@ def test_progress_bars_show_rate_and_time_left_on_a_terminal_only():
   assert "sample [" in tty.getvalue() and "lines/s" in tty.getvalue()
   assert "left" in tty.getvalue() and pipe.getvalue() == ""
   assert progress.duration(3725) == "1:02:05" and progress.duration(65) == "01:05"
+  unknown = _Terminal()
+  assert list(progress.progress(iter(range(3)), "eval", unit="batches", stream=unknown)) == [
+      0, 1, 2]
+  assert "eval 3 batches" in unknown.getvalue() and "left" not in unknown.getvalue()
   line = metrics.ProgressLine(10, stream=_Terminal())
   line.update(1, {"loss": 2.0})
   line.update(2, {"loss": 1.0})
