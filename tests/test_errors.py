@@ -289,6 +289,17 @@ def test_a_full_disk_during_an_async_save_is_reported_at_once(tmp_path, monkeypa
   assert "2" not in os.listdir(checkpoint.checkpoint_dir(tmp_path))
 
 
+def test_the_wind_down_of_a_failed_save_leaves_no_tracebacks_on_stderr():
+  out = io.StringIO()
+  stderr = main.QuietStderr(out)
+  stderr.write("Traceback (most recent call last):\n  File \"x\", line 1, in f\n")
+  stderr.write("RuntimeError: Event loop is closed\n")
+  stderr.write("\r\033[Kstep 3/10")  # a line in progress goes out at once
+  stderr.write("\nTraceback (most recent call last):\n  File \"y\"\nValueError: real\n")
+  assert out.getvalue() == ("\r\033[Kstep 3/10\nTraceback (most recent call last):\n"
+                            "  File \"y\"\nValueError: real\n")
+
+
 # --- 9: start-up noise ---------------------------------------------------------
 
 def test_quiet_start_up_hides_absl_warnings():
