@@ -30,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import io
 import os
+import re
 import shutil
 
 import gin
@@ -96,7 +98,23 @@ def _cause(error):
   text = " ".join(str(deepest).split())
   if type(deepest).__name__ not in ("Exception", "ValueError", "RuntimeError", "OSError"):
     text = f"{type(deepest).__name__}: {text}"
+  os_error = re.search(r"os_error_code='?(\d+)", text)  # TensorStore's errno, at the end
+  if os_error and "[Errno" not in text:
+    number = int(os_error.group(1))
+    text = f"[Errno {number}] {os.strerror(number)}: {text}"
   return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def _winding_down_quietly():
+  """While a failed save winds down, Orbax's writes still in flight print a
+  traceback each ("Event loop is closed"); the failure is reported in one line
+  instead. PAXGPT_VERBOSE=1 (`paxgpt --verbose`) shows them."""
+  if os.environ.get("PAXGPT_VERBOSE") == "1":
+    yield
+    return
+  with contextlib.redirect_stderr(io.StringIO()):
+    yield
 
 
 def _leaf_name(path):
@@ -194,12 +212,14 @@ class Checkpointer:
     checkpoints before it were never touched)."""
     self._failed = True
     step = self._last_save
-    try:  # let the save's other writes end before its directory is removed
-      self.manager.wait_until_finished()
-    except Exception:  # pylint: disable=broad-except  (the same failure)
-      pass
+    with _winding_down_quietly():
+      try:  # let the save's other writes end before its directory is removed
+        self.manager.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except  (the same failure)
+        pass
     self._remove_temporary(step)
-    kept = [s for s in self.all_steps() if s != step]
+    kept = [int(p.name) for p in epath.Path(self.directory).iterdir()
+            if p.name.isdigit() and int(p.name) != step]  # on disk: Orbax's list may lag
     return RunError(f"saving checkpoint {step} to {os.path.join(self.directory, str(step))} "
                     f"failed: {_cause(error)}; kept checkpoints: {sorted(kept)}")
 
@@ -270,9 +290,12 @@ class Checkpointer:
         raise
       # already reported by check() or save()
     finally:
-      self.manager.close()
-      if self._failed:  # writes still in flight when the failure was seen are over now
-        self._remove_temporary(self._last_save)
+      if self._failed:
+        with _winding_down_quietly():
+          self.manager.close()
+        self._remove_temporary(self._last_save)  # writes in flight then are over now
+      else:
+        self.manager.close()
 
 
 def restore_params(directory, abstract_params, step=None, step_flag="--step"):
@@ -300,6 +323,8 @@ def restore_params(directory, abstract_params, step=None, step_flag="--step"):
           params=ocp.args.StandardRestore(abstract_params)))
     except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
       error = restore_error(checkpointer.directory, step, e, abstract_params)
+      if isinstance(error, ShapeMismatchError):  # every step has that shape: no --step hint
+        raise error from None
       others = sorted(s for s in checkpointer.all_steps() if s != step)
       raise type(error)(f"{error}; saved steps: {sorted(checkpointer.all_steps())}"
                         + (f" (choose another with {step_flag})" if others else "")) from None

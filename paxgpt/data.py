@@ -203,7 +203,8 @@ def _task_rows(config: DataConfig, task: seqio.Task, split: str, shard_info: seq
   new epoch costs no pipeline construction."""
   eos_id = task.output_features["targets"].vocabulary.eos_id
   stored = _examples(task, config, split, shard_info)
-  if next(iter(stored.take(1)), None) is None:
+  first = _read_errors_clearly(iter(stored.take(1)), f"task {task.name!r} split {split!r}")
+  if next(first, None) is None:
     raise DataError(f"task {task.name!r} split {split!r} shard "
                     f"{shard_info.index}/{shard_info.num_shards} has no examples")
 

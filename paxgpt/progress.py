@@ -2,6 +2,9 @@
 
   with Progress(total, "sample", unit="lines") as p:   # train, eval, sample, import
     for ...: p.update(1)
+  for item in progress(items, "eval", total=None, unit="batches"): ...
+
+total=None (an unknown count): the count and the rate, without bar or time left.
 
 On a terminal (stderr by default) a bar is rewritten in place with the count,
 the rate and the time left; into a file or a pipe Progress prints nothing, so
@@ -30,7 +33,7 @@ class Rate:
   its first step, not at zero) and the time left to `total`."""
 
   def __init__(self, total):
-    self.total, self._start = total, None
+    self.total, self._start = total, None  # total None: no time left
 
   def update(self, done, now=None):
     now = time.monotonic() if now is None else now
@@ -41,7 +44,7 @@ class Rate:
     if seconds <= 0 or items <= 0:
       return None, None
     rate = items / seconds
-    return rate, max(self.total - done, 0) / rate
+    return rate, None if self.total is None else max(self.total - done, 0) / rate
 
 
 def bar(done, total, width=20):
@@ -71,9 +74,13 @@ class Progress:
     if not self.tty:
       return
     rate, left = self._rate.update(self.done)
-    speed = "" if rate is None else f" {rate:.3g} {self.unit}/s, {duration(left)} left"
-    self.stream.write(f"\r\033[K{self.label} {bar(self.done, self.total)} "
-                      f"{self.done}/{self.total}{speed}")
+    if self.total is None:
+      speed = "" if rate is None else f" {rate:.3g} {self.unit}/s"
+      self.stream.write(f"\r\033[K{self.label} {self.done} {self.unit}{speed}")
+    else:
+      speed = "" if rate is None else f" {rate:.3g} {self.unit}/s, {duration(left)} left"
+      self.stream.write(f"\r\033[K{self.label} {bar(self.done, self.total)} "
+                        f"{self.done}/{self.total}{speed}")
     self.stream.flush()
 
   def __enter__(self):
@@ -83,3 +90,11 @@ class Progress:
     if self.tty and self.done:
       self.stream.write("\n")
       self.stream.flush()
+
+
+def progress(items, label, total=None, unit="items", stream=None):
+  """`items`, passed through, with a Progress bar advanced by each."""
+  with Progress(total, label, unit, stream) as shown:
+    for item in items:
+      yield item
+      shown.update(1)

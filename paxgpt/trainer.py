@@ -26,7 +26,7 @@ from paxgpt import data as data_lib
 from paxgpt.config import check_types
 from paxgpt.errors import ConfigError, RunDirBusyError, UsageError
 from paxgpt.metrics import MetricsWriter
-from paxgpt.run_lock import RunLock
+from paxgpt.progress import progress
 from paxgpt.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
                                evaluate_params, make_eval_step, make_train_step)
 
@@ -311,7 +311,7 @@ def _lock_model_dir(model_dir):
   lock, refused = None, None
   if jax.process_index() == 0:
     try:
-      lock = RunLock.acquire(model_dir)
+      lock = run_lock.RunLock.acquire(model_dir)
     except UsageError as e:
       refused = e
   (any_refused,) = _any_process(refused is not None)
@@ -320,7 +320,7 @@ def _lock_model_dir(model_dir):
   if any_refused:
     raise RunDirBusyError(f"MODEL_DIR={os.fspath(model_dir)!r}: process 0 could not take "
                           f"the run's lock")
-  return lock or RunLock(None, None, None)
+  return lock or run_lock.RunLock(None, None, None)
 
 
 def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config,
@@ -456,5 +456,7 @@ def evaluate(model_dir=gin.REQUIRED, *, mesh=None, step=None, model_config=None,
   boxed = model.abstract_variables(model_config)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
   eval_step = make_eval_step(model_config, partitioner, partitioner.tree_shardings(boxed))
-  result = evaluate_params(eval_step, params, data_lib.eval_batches(data_config, partitioner))
+  batches = progress(data_lib.eval_batches(data_config, partitioner), "eval",
+                     total=data_config.eval_max_batches, unit="batches")
+  result = evaluate_params(eval_step, params, batches)
   return {"step": step, **result}

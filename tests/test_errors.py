@@ -5,6 +5,7 @@ corrupt checkpoint is one line and training resumes from an older one (5), a
 failed save is reported at once (6), bad input is exit 2 and one stderr line
 (7), start-up noise is hidden (9), resumes are marked in metrics.jsonl (10),
 progress bars on a terminal only (11)."""
+import dataclasses
 import errno
 import glob
 import io
@@ -14,8 +15,6 @@ import os
 import subprocess
 import sys
 
-import gin
-import jax
 import numpy as np
 import pytest
 
@@ -121,6 +120,17 @@ def test_a_prompts_file_that_is_not_utf8_names_the_line(tmp_path):
     sampling_cli.read_prompts(str(path))
 
 
+def test_a_text_file_that_is_not_utf8_is_one_line(tmp_path):
+  import tasks
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"fine\n\xff\n")
+  name = tasks.text_files_task(name="not_utf8_corpus", train_files=str(bad),
+                               validation_files=str(bad))
+  config = data.DataConfig(mixture_or_task=name, sequence_length=32, batch_size=8)
+  with pytest.raises(data.DataError, match=r"bad\.txt line 2: not UTF-8"):
+    next(data.TrainIterator(config, one_device()))
+
+
 # --- 3: the sampler's output: checked first, streamed, renamed at the end -----
 
 @pytest.mark.parametrize("output, message", [
@@ -156,7 +166,8 @@ def test_results_are_written_as_they_complete_and_a_crash_keeps_them(tmp_path, m
   prompts.write_text("\n".join(lines) + "\n")
   output = str(tmp_path / "out.jsonl")
   decoder = _FakeDecoder(fail_at=2 * sampling_cli.CHUNK_BATCHES + 1)  # in the third chunk
-  monkeypatch.setattr(sampling_cli, "SampleConfig", lambda: dataclass_with_dir(config))
+  monkeypatch.setattr(sampling_cli, "SampleConfig",
+                      lambda: dataclasses.replace(config, checkpoint_dir="unused"))
   monkeypatch.setattr(sampling_cli, "_decoder", lambda *a: (
       tiny(), tasks.get_vocabulary("byte"), decoder))
   with pytest.raises(RuntimeError, match="the decoder died"):
@@ -171,11 +182,6 @@ def test_results_are_written_as_they_complete_and_a_crash_keeps_them(tmp_path, m
   assert sampling_cli.sample_file(str(prompts), output) == 0
   assert not os.path.exists(output + ".partial")
   assert [json.loads(line)["completions"] for line in open(output)] == [["A"]] * len(lines)
-
-
-def dataclass_with_dir(config):
-  import dataclasses
-  return dataclasses.replace(config, checkpoint_dir="unused")
 
 
 # --- 4: per-line caps; finite numbers -----------------------------------------
@@ -283,6 +289,17 @@ def test_a_full_disk_during_an_async_save_is_reported_at_once(tmp_path, monkeypa
   assert "2" not in os.listdir(checkpoint.checkpoint_dir(tmp_path))
 
 
+def test_the_wind_down_of_a_failed_save_leaves_no_tracebacks_on_stderr():
+  out = io.StringIO()
+  stderr = main.QuietStderr(out)
+  stderr.write("Traceback (most recent call last):\n  File \"x\", line 1, in f\n")
+  stderr.write("RuntimeError: Event loop is closed\n")
+  stderr.write("\r\033[Kstep 3/10")  # a line in progress goes out at once
+  stderr.write("\nTraceback (most recent call last):\n  File \"y\"\nValueError: real\n")
+  assert out.getvalue() == ("\r\033[Kstep 3/10\nTraceback (most recent call last):\n"
+                            "  File \"y\"\nValueError: real\n")
+
+
 # --- 9: start-up noise ---------------------------------------------------------
 
 def test_quiet_start_up_hides_absl_warnings():
@@ -329,6 +346,10 @@ def test_progress_bars_show_rate_and_time_left_on_a_terminal_only():
   assert "sample [" in tty.getvalue() and "lines/s" in tty.getvalue()
   assert "left" in tty.getvalue() and pipe.getvalue() == ""
   assert progress.duration(3725) == "1:02:05" and progress.duration(65) == "01:05"
+  unknown = _Terminal()
+  assert list(progress.progress(iter(range(3)), "eval", unit="batches", stream=unknown)) == [
+      0, 1, 2]
+  assert "eval 3 batches" in unknown.getvalue() and "left" not in unknown.getvalue()
   line = metrics.ProgressLine(10, stream=_Terminal())
   line.update(1, {"loss": 2.0})
   line.update(2, {"loss": 1.0})

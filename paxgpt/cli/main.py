@@ -227,14 +227,58 @@ def _explain_gin_error(error, bindings):
   return one_line(text)
 
 
+class QuietStderr:
+  """sys.stderr without the tracebacks of asyncio callbacks that fire after
+  Orbax closed its event loop ("RuntimeError: Event loop is closed"): a failed
+  checkpoint write leaves dozens; its cause is reported in one line. Every
+  other line passes through unchanged."""
+
+  NOISE = "RuntimeError: Event loop is closed"
+
+  def __init__(self, stream):
+    self._stream, self._partial, self._held = stream, "", None
+
+  def write(self, text):
+    lines = (self._partial + text).split("\n")
+    self._partial = lines.pop()
+    for line in lines:
+      self._line(line + "\n")
+    if self._held is None and not "Traceback".startswith(self._partial[:9]):
+      self._stream.write(self._partial)  # a line in progress (a progress bar): now
+      self._partial = ""
+    return len(text)
+
+  def _line(self, line):
+    if self._held is None:
+      if line.startswith("Traceback (most recent call last):"):
+        self._held = [line]
+      else:
+        self._stream.write(line)
+      return
+    self._held.append(line)
+    if not line.startswith((" ", "\t")):  # the exception's own line ends the block
+      block, self._held = self._held, None
+      if line.strip() != self.NOISE:
+        self._stream.write("".join(block))
+
+  def flush(self):
+    self._stream.flush()
+
+  def __getattr__(self, name):  # fileno, isatty, encoding, ...
+    return getattr(self._stream, name)
+
+
 def quiet_start_up():
   """Hide absl's log lines (Orbax's warnings about read-only checkpoint managers,
   its pages of errors for a failed save, which paxgpt reports in one line) and
   the Python loggers' notes; `start_up_logs_hidden` hides the C++ ones."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import logging
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.FATAL)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.FATAL)
+  except ImportError:  # a box without absl has no absl log lines either
+    pass
   for name in ("jax", "orbax", "tensorflow"):
     logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -246,8 +290,11 @@ def main(argv=None):
   quiet = "--verbose" not in argv
   if quiet:
     quiet_start_up()
+    if not isinstance(sys.stderr, QuietStderr):
+      sys.stderr = QuietStderr(sys.stderr)
   else:
     argv.remove("--verbose")
+    os.environ["PAXGPT_VERBOSE"] = "1"  # library code's own quiet paths (checkpoint.py)
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__.strip())
     for name, cmd in COMMANDS.items():
@@ -260,6 +307,7 @@ def main(argv=None):
     return 2
   except RunError as e:
     print(f"paxgpt: error: {one_line(e)}", file=sys.stderr)
+    _ABANDON_THREADS.append(True)
     return 1
 
 
@@ -319,8 +367,25 @@ def register_configurables():
     importlib.import_module(module)
 
 
+# Set when a run failed outside its input (RunError): the I/O threads of a failed
+# checkpoint save may never end, so the process exits without waiting for them.
+_ABANDON_THREADS = []
+
+
 def entry_point():
-  sys.exit(main())
+  code = main()
+  if _ABANDON_THREADS:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  if code and "--verbose" not in sys.argv[1:]:
+    # The error is already said in one line. Orbax's reads and writes still in
+    # flight when a restore or save failed print pages of "Exception ignored" and
+    # "Event loop is closed" tracebacks as the interpreter shuts down.
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+  sys.exit(code)
 
 
 if __name__ == "__main__":
