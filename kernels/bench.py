@@ -108,10 +108,32 @@ def packed_segment_ids(batch, seq_len, seed=1):
   return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
 
 
+def values_and_grads(backend, q, k, v, d_out, *, causal=True, window=None, segment_ids=None,
+                     interpret=False, **options):
+  """((out, dq, dk, dv) of `backend`, the same of the reference in float32 at
+  'highest' precision) for one set of inputs: what every kernel check compares."""
+  kernel_options = dict(options, interpret=interpret) if backend == "gpu" else {}
+  masking = dict(causal=causal, window=window, segment_ids=segment_ids)
+
+  def kernel(q, k, v):
+    return api.attention(q, k, v, backend=backend, **masking, **kernel_options)
+
+  def spec(q, k, v):
+    return reference.attention(q, k, v, **masking)
+
+  def run(fn):
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    return (out, *vjp(d_out))
+
+  with jax.default_matmul_precision("highest"):
+    expected = run(spec)
+  return run(kernel), expected
+
+
 def check_against_reference(backend, shape, dtype, window=None, segments=False,
                             interpret=False, **options):
-  """{'out'|'dq'|'dk'|'dv': error} of `backend` against the reference in float32
-  at 'highest' precision, on random inputs of `shape` [B, T, H, D] and `dtype`.
+  """{'out'|'dq'|'dk'|'dv': error} of `backend` against the reference (see
+  `values_and_grads`) on random inputs of `shape` [B, T, H, D] and `dtype`.
 
   error = max |got - want| / (max(1, max|want|) + |want|): at most `tol` exactly
   when got is allclose to want with rtol = tol and atol = tol * max(1, max|want|)
@@ -121,22 +143,8 @@ def check_against_reference(backend, shape, dtype, window=None, segments=False,
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, d_out = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
   segment_ids = packed_segment_ids(shape[0], shape[1]) if segments else None
-  kernel_options = dict(options, interpret=interpret) if backend == "gpu" else {}
-
-  def kernel(q, k, v):
-    return api.attention(q, k, v, window=window, segment_ids=segment_ids, backend=backend,
-                         **kernel_options)
-
-  def spec(q, k, v):
-    return reference.attention(q, k, v, window=window, segment_ids=segment_ids)
-
-  def value_and_grads(fn):
-    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    return (out, *vjp(d_out))
-
-  with jax.default_matmul_precision("highest"):
-    expected = value_and_grads(spec)
-  got = value_and_grads(kernel)
+  got, expected = values_and_grads(backend, q, k, v, d_out, window=window,
+                                   segment_ids=segment_ids, interpret=interpret, **options)
   errors = {}
   for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
     g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)

@@ -122,8 +122,9 @@ def _leaf_name(path):
 
 
 def _shape_mismatch(params_dir, abstract_params):
-  """The first parameter whose stored shape differs from `abstract_params`'s, as
-  text; None when they agree or the metadata cannot be read."""
+  """The parameters whose stored shapes differ from `abstract_params`'s (the
+  first four, and how many more), as text; None when they agree or the
+  metadata cannot be read."""
   try:
     stored = ocp.StandardCheckpointHandler().metadata(epath.Path(params_dir))
   except Exception:  # pylint: disable=broad-except  (the restore error says why)
@@ -132,13 +133,19 @@ def _shape_mismatch(params_dir, abstract_params):
           for p, leaf in jax.tree_util.tree_leaves_with_path(stored)}
   want = {_leaf_name(p): tuple(leaf.shape)
           for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  for name, shape in want.items():
+  differ = []
+  for name in sorted(set(have) | set(want)):
     if name not in have:
-      return f"parameter {name} is not in the checkpoint"
-    if have[name] != shape:
-      return f"parameter {name} is {have[name]} in the checkpoint but {shape} in the config"
-  extra = sorted(set(have) - set(want))
-  return f"the checkpoint has parameter {extra[0]}, which the config lacks" if extra else None
+      differ.append(f"parameter {name} is not in the checkpoint")
+    elif name not in want:
+      differ.append(f"the checkpoint has parameter {name}, which the config lacks")
+    elif have[name] != want[name]:
+      differ.append(f"parameter {name} is {have[name]} in the checkpoint but {want[name]} "
+                    f"in the config")
+  if not differ:
+    return None
+  more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
+  return "; ".join(differ[:4]) + more
 
 
 def restore_error(directory, step, error, abstract_params=None):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import gpu, masks, reference
+from kernels import bench, gpu, masks, reference
 
 ON_GPU = jax.default_backend() == "gpu"
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -24,33 +24,14 @@ def _inputs(dtype, seq_len, head_dim, batch=2, heads=2, seed=0):
   return q, k, v, d_out
 
 
-def _packed_segments(batch, seq_len, seed=1):
-  """Packed documents: ids increase at random boundaries, different per row."""
-  starts = np.random.RandomState(seed).rand(batch, seq_len) < 0.08
-  starts[:, 0] = False
-  return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
-
-
 def _compare(dtype, seq_len, head_dim, *, window=None, segments=False, causal=True,
              interpret=True, tolerance=None, **blocks):
   """Output and dq, dk, dv of the kernel match the reference within tolerance."""
   q, k, v, d_out = _inputs(dtype, seq_len, head_dim)
-  segment_ids = _packed_segments(q.shape[0], seq_len) if segments else None
-  options = dict(causal=causal, window=window, segment_ids=segment_ids)
-
-  def kernel(q, k, v):
-    return gpu.attention(q, k, v, interpret=interpret, **options, **blocks)
-
-  def spec(q, k, v):
-    return reference.attention(q, k, v, **options)
-
-  def value_and_grads(fn):
-    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    return (out, *vjp(d_out))
-
-  with jax.default_matmul_precision("highest"):
-    expected = value_and_grads(spec)
-  got = value_and_grads(kernel)
+  segment_ids = bench.packed_segment_ids(q.shape[0], seq_len) if segments else None
+  got, expected = bench.values_and_grads("gpu", q, k, v, d_out, causal=causal, window=window,
+                                         segment_ids=segment_ids, interpret=interpret,
+                                         **blocks)
   tol = tolerance or TOLERANCE[dtype]
   for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
     assert g.shape == e.shape and g.dtype == e.dtype, name
@@ -124,7 +105,7 @@ def test_log_sum_exp_matches_reference():
 
 def test_entry_point_dispatches_to_gpu_kernels():
   q, k, v, _ = _inputs(jnp.float32, 48, 64)
-  options = dict(window=16, segment_ids=_packed_segments(2, 48))
+  options = dict(window=16, segment_ids=bench.packed_segment_ids(2, 48))
   out = kernels.attention(q, k, v, backend="gpu", interpret=True, block_q=16, block_k=16,
                           **options)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(gpu.attention(
