@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import one_device
 from paxgpt import model, sampling, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,11 +35,6 @@ def tiny_config(init_std=0.3):
       gin.clear_config()
   assert config.dtype == "float32" and config.attention_pattern == ("dense", "banded")
   return dataclasses.replace(config, init_std=init_std)
-
-
-def one_device():
-  return sharding.Partitioner(sharding.make_mesh(data=1, fsdp=1, tensor=1,
-                                                 devices=jax.devices()[:1]))
 
 
 @functools.lru_cache(maxsize=None)
