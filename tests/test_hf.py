@@ -155,10 +155,10 @@ def _json_lines(capsys):
   return [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
 
 
+# One architecture is enough for the training loop.
+@pytest.mark.parametrize("imported", ["gpt_neo"], indirect=True)
 def test_fine_tuning_from_an_imported_model_lowers_the_loss(imported, tmp_path, capsys):
   arch, _, _, root = imported
-  if arch != "gpt_neo":
-    pytest.skip("one architecture is enough for the training loop")
   data = ["--gin.DataConfig.sequence_length=32", "--gin.DataConfig.eval_max_batches=2",
           "--gin.DataConfig.batch_size=8", f"--mesh={MESH}"]
   capsys.readouterr()
@@ -202,10 +202,10 @@ def _copy(source, target, skip=()):
       (target / name).write_bytes((source / name).read_bytes())
 
 
+# The checks do not depend on the architecture.
+@pytest.mark.parametrize("imported", ["gpt2"], indirect=True)
 def test_bad_input_exits_2_naming_it_and_writes_nothing(imported, tmp_path, capsys):
   arch, _, _, root = imported
-  if arch != "gpt2":
-    pytest.skip("the checks do not depend on the architecture")
   source = root / "hf"
   out = tmp_path / "out"
   _copy(source, tmp_path / "no_config", skip=("config.json",))
@@ -306,10 +306,10 @@ def test_a_model_trained_in_paxgpt_exports_with_its_attention_scale(pattern, arc
   np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
 
 
+# The weights' files do not depend on the architecture.
+@pytest.mark.parametrize("imported", ["gpt2"], indirect=True)
 def test_sharded_safetensors_import_like_one_file(imported, tmp_path):
   arch, hf_model, tokenizer, root = imported
-  if arch != "gpt2":
-    pytest.skip("the weights' files do not depend on the architecture")
   hf_model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
   tokenizer.save_pretrained(str(tmp_path / "sharded"))
   files = os.listdir(tmp_path / "sharded")
