@@ -4,9 +4,8 @@
 
 Commands: train, eval, sample, info, plan, vocab, import, export, fewshot. eval and
 sample without --gin_file use gin/runs/eval.gin / sample.gin and the model
-config that MODEL_DIR carries (model.json). --verbose (any command) shows the
-start-up logs of TensorFlow, XLA and absl. Gin files are looked up
-relative to the working directory, then to the paxgpt checkout.
+config that MODEL_DIR carries (model.json). Gin files are looked up relative
+to the working directory, then to the paxgpt checkout.
 
 The error contract, applied here and nowhere else: bad input (an unknown gin
 binding, a parameter typo, a missing --gin_file, a bad config value, a mesh
