@@ -11,7 +11,7 @@ On CPU (or with --quick) the shapes are tiny so it runs in seconds; the gpu
 backend runs on CPU only with --interpret.
 
 `check_against_reference(...)` is the correctness core the GPU check
-(paxgpt/gpu_check.py) runs compiled: a kernel's output and dq, dk, dv against
+(paxgpt/bench/gpu_check.py) runs compiled: a kernel's output and dq, dk, dv against
 the float32 reference.
 """
 from __future__ import annotations

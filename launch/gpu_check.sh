@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in one prepared run (paxgpt/gpu_check.py): Triton kernel
+# The GPU figures in one prepared run (paxgpt/bench/gpu_check.py): Triton kernel
 # correctness, attention TFLOP/s against cuDNN and XLA, train-step MFU per
 # attention backend and remat policy, decode tokens/s against the HBM roofline.
 # Prints one Markdown table and writes the same rows as JSON.
@@ -37,7 +37,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PAXGPT_PYTHON:-python3}"
 
-if ! "$python" -c "import gin" 2>/dev/null; then
+if ! "$python" -c "import gin; gin.configurable" 2>/dev/null; then
   wheel="$(find .whl -maxdepth 1 -name 'gin_config-*.whl' 2>/dev/null | sort | tail -n 1)"
   if [ -z "$wheel" ]; then
     echo "gpu_check.sh: gin-config is not installed and no .whl/gin_config-*.whl was carried;" \
@@ -51,4 +51,4 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
-exec "$python" -m paxgpt.gpu_check "$@"
+exec "$python" -m paxgpt.bench.gpu_check "$@"

@@ -22,7 +22,7 @@ naming the address (and, on process 0, the missing process ids); the
 initialisation timeout bounds the rest of the handshake.
 
 After start-up every process runs the same program: each reads its own data shard
-(paxgpt/data.py uses jax.process_index()), all take part in Orbax checkpoint
+(paxgpt/data/loader.py uses jax.process_index()), all take part in Orbax checkpoint
 writes, and only process 0 (`jax.process_index() == 0`) writes logs and summaries.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ total=None (an unknown count): the count and the rate, without bar or time left.
 
 On a terminal (stderr by default) a bar is rewritten in place with the count,
 the rate and the time left; into a file or a pipe Progress prints nothing, so
-log files keep plain lines. Training's status line (paxgpt/metrics.py) uses the
+log files keep plain lines. Training's status line (paxgpt/training/metrics.py) uses the
 same pieces (Rate, bar, duration). No dependency beyond the standard library.
 """
 from __future__ import annotations

@@ -22,7 +22,8 @@ from tasks.gpt2_bpe import GPT2BPEVocabulary
 from tasks.registry import UnknownTaskError, get_task, task_name_for
 from tasks.spm_training import train_sentencepiece
 from tasks.text_files import TextFilesError, text_files_task
-from tasks.vocabularies import VocabularyError, get_vocabulary
+from tasks.errors import VocabularyError
+from tasks.vocabularies import get_vocabulary
 
 __all__ = [
     "GPT2BPEVocabulary", "TextFilesError", "UnknownTaskError", "VocabularyError",

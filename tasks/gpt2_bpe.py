@@ -24,7 +24,7 @@ import seqio
 import tensorflow as tf
 import tiktoken
 
-from tasks.vocabularies import VocabularyError
+from tasks.errors import VocabularyError
 
 END_OF_TEXT = "<|endoftext|>"
 # GPT-2's pre-tokenizer (tiktoken's r50k pattern): contractions, letters, digits,

@@ -8,7 +8,7 @@ import os
 from typing import Iterable
 
 from tasks import registry
-from tasks.vocabularies import VocabularyError
+from tasks.errors import VocabularyError
 
 
 def _training_lines(texts: Iterable[str], max_line_bytes: int) -> Iterable[str]:

@@ -22,9 +22,7 @@ import os
 import seqio
 import tensorflow as tf
 
-
-class VocabularyError(ValueError):
-  """A vocabulary spec or file that cannot be used."""
+from tasks.errors import VocabularyError
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -22,20 +22,20 @@ TINY = dict(vocab_size=259, num_layers=2, d_model=64, num_heads=4, head_dim=16, 
 
 
 def tiny(**overrides):
-  from paxgpt import model
-  return model.GPTConfig(**{**TINY, **overrides})
+  from paxgpt.model import gpt
+  return gpt.GPTConfig(**{**TINY, **overrides})
 
 
 def one_device():
   """A (1, 1, 1) mesh on the first device."""
   import jax
-  from paxgpt import sharding
+  from paxgpt.model import sharding
   return sharding.Partitioner(sharding.make_mesh(data=1, fsdp=1, tensor=1,
                                                  devices=jax.devices()[:1]))
 
 
 def mesh_2x2x2():
-  from paxgpt import sharding
+  from paxgpt.model import sharding
   return sharding.Partitioner(sharding.make_mesh(data=2, fsdp=2, tensor=2))
 
 
@@ -48,14 +48,15 @@ def init_train_state(config, optimizer, partitioner, seed=0):
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from paxgpt import model, train_step
+  from paxgpt.model import gpt
+  from paxgpt.training import train_step
   key = (config, id(optimizer), tuple(partitioner.mesh.shape.items()))
   if key not in _STATE_INITIALIZERS:
     abstract = train_step.abstract_train_state(config, optimizer)
-    gpt = model.GPT(config)
+    network = gpt.GPT(config)
 
     def init(k):
-      params = nn.unbox(gpt.init(k, jnp.zeros((1, 8), jnp.int32)))["params"]
+      params = nn.unbox(network.init(k, jnp.zeros((1, 8), jnp.int32)))["params"]
       return train_step.TrainState(params, optimizer.init(params), jnp.int32(0))
     _STATE_INITIALIZERS[key] = jax.jit(init,
                                        out_shardings=partitioner.tree_shardings(abstract))

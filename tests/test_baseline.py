@@ -1,11 +1,11 @@
-"""The demo's yardstick, paxgpt/baseline.py's interpolated Kneser-Ney, against
+"""The demo's yardstick, paxgpt/data/baseline.py's interpolated Kneser-Ney, against
 probabilities worked out by hand (Chen & Goodman 1998's interpolated form)."""
 import math
 
 import numpy as np
 import pytest
 
-from paxgpt.baseline import KneserNey
+from paxgpt.data.baseline import KneserNey
 
 
 def test_unigram_by_hand():

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import init_train_state, one_device, tiny
-from paxgpt import checkpoint, optim, sharding, train_step
+from paxgpt.store import checkpoint
+from paxgpt.training import optim
+from paxgpt.model import sharding
+from paxgpt.training import train_step
 from paxgpt.errors import UsageError
 
 CONFIG = tiny(max_len=32, window=8)

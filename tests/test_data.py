@@ -1,4 +1,4 @@
-"""paxgpt/data.py: packed global batches, lossless packing, resume, sharding, errors."""
+"""paxgpt/data/loader.py: packed global batches, lossless packing, resume, sharding, errors."""
 import collections
 import json
 
@@ -8,8 +8,8 @@ import pytest
 import seqio
 
 import tasks
-from paxgpt import data
-from paxgpt.sharding import Partitioner, make_mesh
+from paxgpt.data import loader
+from paxgpt.model.sharding import Partitioner, make_mesh
 from tasks import pydoc_topics
 
 L = 64
@@ -51,10 +51,10 @@ def check_packed_features(batch, eos_id):
 
 
 def test_pydoc_topics_global_batches_offline(partitioner):
-  config = data.DataConfig(sequence_length=L, batch_size=8, seed=0, shuffle_buffer=256)
-  train = data.TrainIterator(config, partitioner)
+  config = loader.DataConfig(sequence_length=L, batch_size=8, seed=0, shuffle_buffer=256)
+  train = loader.TrainIterator(config, partitioner)
   batch = next(train)
-  assert sorted(batch) == sorted(data.FEATURES)
+  assert sorted(batch) == sorted(loader.FEATURES)
   expected_sharding = partitioner.sharding(("batch", "length"))
   for value in batch.values():
     assert value.shape == (8, L) and value.dtype == np.int32
@@ -63,19 +63,19 @@ def test_pydoc_topics_global_batches_offline(partitioner):
   check_packed_features(host, eos_id=1)
   assert host["decoder_loss_weights"].mean() > 0.9  # packing fills rows
   # Every packed piece is text from the train split, none from validation.
-  vocab = data.get_vocabulary(config)
+  vocab = loader.get_vocabulary(config)
   train_docs = "\x00".join(pydoc_topics.documents()["train"])
   for piece in segments(host):
     text = vocab.decode([t for t in piece if t != vocab.eos_id])
     if len(text) >= 32:  # long enough to identify its document
       assert text in train_docs
       assert not any(text in doc for doc in pydoc_topics.documents()["validation"])
-  assert data.vocab_size(config) == 259
+  assert loader.vocab_size(config) == 259
 
 
 def test_packing_loses_no_token_and_pads_the_last_eval_batch(partitioner):
-  config = data.DataConfig(sequence_length=L, batch_size=16)
-  batches = [as_numpy(b) for b in data.eval_batches(config, partitioner)]
+  config = loader.DataConfig(sequence_length=L, batch_size=16)
+  batches = [as_numpy(b) for b in loader.eval_batches(config, partitioner)]
   packed = collections.Counter()
   for b in batches:
     packed.update(b["decoder_target_tokens"][b["decoder_loss_weights"] == 1].tolist())
@@ -89,8 +89,8 @@ def test_packing_loses_no_token_and_pads_the_last_eval_batch(partitioner):
   empty_rows = ~last["decoder_loss_weights"].any(axis=1)
   assert 0 < empty_rows.sum() < 16 or rows % 16 == 0
   assert not last["decoder_segment_ids"][empty_rows].any()
-  capped = data.DataConfig(sequence_length=L, batch_size=16, eval_max_batches=3)
-  assert len(list(data.eval_batches(capped, partitioner))) == 3
+  capped = loader.DataConfig(sequence_length=L, batch_size=16, eval_max_batches=3)
+  assert len(list(loader.eval_batches(capped, partitioner))) == 3
 
 
 def small_corpus_task(tmp_path, name, n_docs=40):
@@ -104,8 +104,8 @@ def small_corpus_task(tmp_path, name, n_docs=40):
 def test_resume_gives_the_batches_of_an_uninterrupted_run(tmp_path, partitioner):
   # A corpus of ~25 rows per epoch, so 12 batches of 8 cross epoch boundaries.
   name, docs = small_corpus_task(tmp_path, "resume_corpus")
-  config = data.DataConfig(mixture_or_task=name, sequence_length=L, batch_size=8, seed=7)
-  uninterrupted = data.TrainIterator(config, partitioner)
+  config = loader.DataConfig(mixture_or_task=name, sequence_length=L, batch_size=8, seed=7)
+  uninterrupted = loader.TrainIterator(config, partitioner)
   reference, states = [], []
   for _ in range(12):
     states.append(json.loads(json.dumps(uninterrupted.state())))  # as a checkpoint keeps it
@@ -114,21 +114,21 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(tmp_path, partitioner)
   epochs = [s["positions"][0][0] for s in states]
   assert epochs[0] == 0 and epochs[-1] >= 2
   for k in (3, 7):  # mid-epoch, and in a later epoch (the k=0 case is `uninterrupted`)
-    resumed = data.TrainIterator(config, partitioner)
+    resumed = loader.TrainIterator(config, partitioner)
     resumed.restore(states[k])
     for step in range(k, 12):
       got = as_numpy(next(resumed))
-      for f in data.FEATURES:
+      for f in loader.FEATURES:
         np.testing.assert_array_equal(got[f], reference[step][f], err_msg=f"step {step} {f}")
   # Epochs: each one holds every document exactly once, in a new order.
-  vocab = data.get_vocabulary(config)
+  vocab = loader.get_vocabulary(config)
   texts = [vocab.decode(p) for b in reference for p in segments(b)]
   per_epoch = len(docs)  # every document fits in one row: one piece each
   assert sorted(texts[:per_epoch]) == sorted(docs)
   assert sorted(texts[per_epoch:2 * per_epoch]) == sorted(docs)
   assert texts[:per_epoch] != texts[per_epoch:2 * per_epoch]
   # The seed decides the order (the same seed gave the same batches above).
-  other = data.TrainIterator(dataclass_replace(config, seed=8), partitioner)
+  other = loader.TrainIterator(dataclass_replace(config, seed=8), partitioner)
   assert not np.array_equal(as_numpy(next(other))["decoder_target_tokens"],
                             reference[0]["decoder_target_tokens"])
 
@@ -139,22 +139,22 @@ def dataclass_replace(config, **changes):
 
 
 def test_restore_refuses_a_state_from_other_settings(partitioner):
-  config = data.DataConfig(sequence_length=L, batch_size=8, shuffle_buffer=64)
-  train = data.TrainIterator(config, partitioner)
+  config = loader.DataConfig(sequence_length=L, batch_size=8, shuffle_buffer=64)
+  train = loader.TrainIterator(config, partitioner)
   saved = train.state()
-  with pytest.raises(data.DataError, match="batch_size: saved 16, now 8"):
+  with pytest.raises(loader.DataError, match="batch_size: saved 16, now 8"):
     train.restore({**saved, "batch_size": 16})
-  with pytest.raises(data.DataError, match="format"):
+  with pytest.raises(loader.DataError, match="format"):
     train.restore({**saved, "format": 99})
 
 
 def test_two_processes_read_disjoint_shards_that_make_up_the_split():
-  config = data.DataConfig(sequence_length=128, batch_size=8)
+  config = loader.DataConfig(sequence_length=128, batch_size=8)
   full, shards = [], [[], []]
-  for b in data.HostBatches(config, "validation", seqio.ShardInfo(0, 1), 8, repeat=False):
+  for b in loader.HostBatches(config, "validation", seqio.ShardInfo(0, 1), 8, repeat=False):
     full += segments(b)
   for i in range(2):
-    for b in data.HostBatches(config, "validation", seqio.ShardInfo(i, 2), 4, repeat=False):
+    for b in loader.HostBatches(config, "validation", seqio.ShardInfo(i, 2), 4, repeat=False):
       shards[i] += segments(b)
   assert max(collections.Counter(full).values()) == 1  # pieces are distinguishable
   assert shards[0] and shards[1]
@@ -166,10 +166,10 @@ def test_gpt2_vocabulary_spec_feeds_the_same_pipeline(tmp_path, partitioner):
   from tests.test_vocabularies import write_gpt2_files
   encoder = write_gpt2_files(tmp_path)
   spec = f"gpt2:{tmp_path}"
-  config = data.DataConfig(vocabulary=spec, sequence_length=L, batch_size=8)
-  assert data.vocab_size(config) == len(encoder) + 1
-  batch = as_numpy(next(iter(data.eval_batches(config, partitioner))))
-  vocab = data.get_vocabulary(config)
+  config = loader.DataConfig(vocabulary=spec, sequence_length=L, batch_size=8)
+  assert loader.vocab_size(config) == len(encoder) + 1
+  batch = as_numpy(next(iter(loader.eval_batches(config, partitioner))))
+  vocab = loader.get_vocabulary(config)
   check_packed_features(batch, eos_id=vocab.eos_id)
   first_doc = pydoc_topics.documents()["validation"][0]
   first_piece = segments(batch)[0]
@@ -178,47 +178,47 @@ def test_gpt2_vocabulary_spec_feeds_the_same_pipeline(tmp_path, partitioner):
 
 def test_bad_names_and_files_are_clear_errors(tmp_path, partitioner):
   with pytest.raises(tasks.UnknownTaskError, match="'no_such_corpus'"):
-    data.TrainIterator(data.DataConfig(mixture_or_task="no_such_corpus"), partitioner)
-  with pytest.raises(data.DataError, match="batch_size=0"):
-    data.DataConfig(batch_size=0)
+    loader.TrainIterator(loader.DataConfig(mixture_or_task="no_such_corpus"), partitioner)
+  with pytest.raises(loader.DataError, match="batch_size=0"):
+    loader.DataConfig(batch_size=0)
   with pytest.raises(ValueError, match="not divisible"):
-    data.TrainIterator(data.DataConfig(batch_size=4, sequence_length=L), partitioner)
+    loader.TrainIterator(loader.DataConfig(batch_size=4, sequence_length=L), partitioner)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "fine"}\n{"text": broken\n')
   name = tasks.text_files_task(name="broken_corpus", train_files=str(bad),
                                validation_files=str(bad))
-  config = data.DataConfig(mixture_or_task=name, sequence_length=L, batch_size=8)
-  with pytest.raises(data.DataError, match=r"bad\.jsonl line 2: not JSON"):
-    next(data.TrainIterator(config, partitioner))
-  with pytest.raises(data.DataError, match=r"bad\.jsonl line 2: not JSON"):
-    list(data.eval_batches(config, partitioner))
+  config = loader.DataConfig(mixture_or_task=name, sequence_length=L, batch_size=8)
+  with pytest.raises(loader.DataError, match=r"bad\.jsonl line 2: not JSON"):
+    next(loader.TrainIterator(config, partitioner))
+  with pytest.raises(loader.DataError, match=r"bad\.jsonl line 2: not JSON"):
+    list(loader.eval_batches(config, partitioner))
 
 
 def test_mixture_rows_follow_the_rates_and_resume_exactly(tmp_path, partitioner):
   user, docs = small_corpus_task(tmp_path, "mix_user")
   tasks.registry.register_mixture("data_test_mix", [("pydoc_topics", 1.0), (user, 3.0)])
-  config = data.DataConfig(mixture_or_task="data_test_mix", sequence_length=L, batch_size=8,
+  config = loader.DataConfig(mixture_or_task="data_test_mix", sequence_length=L, batch_size=8,
                            seed=3, shuffle_buffer=128)
-  run = data.TrainIterator(config, partitioner)
+  run = loader.TrainIterator(config, partitioner)
   reference, states = [], []
   for _ in range(10):
     states.append(run.state())
     reference.append(as_numpy(next(run)))
   # Rows of the user corpus hold only its documents ("doc NN ..."): count them.
-  vocab = data.get_vocabulary(config)
+  vocab = loader.get_vocabulary(config)
   user_rows = sum(all(vocab.decode(p).startswith("doc ") for p in segments(
       {k: v[r:r + 1] for k, v in b.items()})) for b in reference for r in range(8))
   assert 0.6 < user_rows / 80 < 0.9  # rate 3/4
   # Position: rows read, then (epoch, row) per task in the mixture's order.
-  order = [task.name for task, _ in data.sources(config, "train")]
+  order = [task.name for task, _ in loader.sources(config, "train")]
   final = run.state()["positions"][0]
   user_epoch, pydoc_epoch = (final[1 + 2 * order.index(n)] for n in (user, "pydoc_topics"))
   assert final[0] == 80 and pydoc_epoch == 0 and user_epoch >= 1  # the user corpus wrapped
-  resumed = data.TrainIterator(config, partitioner)
+  resumed = loader.TrainIterator(config, partitioner)
   resumed.restore(states[6])
   for step in range(6, 10):
     got = as_numpy(next(resumed))
-    for f in data.FEATURES:
+    for f in loader.FEATURES:
       np.testing.assert_array_equal(got[f], reference[step][f], err_msg=f"step {step} {f}")
 
 
@@ -235,7 +235,7 @@ def test_gin_configures_the_data_and_registers_a_text_files_task(tmp_path):
       DataConfig.sequence_length = 32
       DataConfig.batch_size = 16
     """)
-    config = data.DataConfig()
+    config = loader.DataConfig()
   finally:
     gin.clear_config()
   assert (config.mixture_or_task, config.sequence_length, config.batch_size) == (
@@ -245,11 +245,11 @@ def test_gin_configures_the_data_and_registers_a_text_files_task(tmp_path):
 
 
 def test_c4_without_its_tfds_data_is_a_clear_error(tmp_path, partitioner):
-  config = data.DataConfig(mixture_or_task="c4_gpt3", sequence_length=L, batch_size=8,
+  config = loader.DataConfig(mixture_or_task="c4_gpt3", sequence_length=L, batch_size=8,
                            tfds_data_dir=str(tmp_path))
   try:
-    with pytest.raises(data.DataError, match=r"'c4_gpt3' reads the TFDS dataset 'c4/en:3.0.1'"
+    with pytest.raises(loader.DataError, match=r"'c4_gpt3' reads the TFDS dataset 'c4/en:3.0.1'"
                                              r", which is not prepared in " + str(tmp_path)):
-      next(data.TrainIterator(config, partitioner))
+      next(loader.TrainIterator(config, partitioner))
   finally:
     seqio.set_tfds_data_dir_override(None)

@@ -19,8 +19,17 @@ import numpy as np
 import pytest
 
 from conftest import init_train_state, one_device, tiny
-from paxgpt import checkpoint, data, metrics, model, optim, progress, run_lock, sampling
-from paxgpt import sampling_cli, train_step, trainer
+from paxgpt import errors, progress
+from paxgpt.store import checkpoint
+from paxgpt.data import loader
+from paxgpt.training import metrics
+from paxgpt.model import gpt
+from paxgpt.training import optim
+from paxgpt.store import run_lock
+from paxgpt.decoding import sampling
+from paxgpt.decoding import offline
+from paxgpt.training import train_step
+from paxgpt.training import trainer
 from paxgpt.cli import main
 from paxgpt.errors import (CheckpointError, ConfigError, RunDirBusyError, RunError,
                            UsageError)
@@ -65,17 +74,17 @@ def test_an_unwritable_model_dir_is_a_usage_error(tmp_path):
     (lambda: trainer.TrainConfig(num_steps="ten"), r"TrainConfig.num_steps='ten'"),
     (lambda: trainer.TrainConfig(eval_every=-1), r"TrainConfig.eval_every=-1 must be >= 0"),
     (lambda: trainer.TrainConfig(time_limit_s="60"), r"time_limit_s='60' must be a finite"),
-    (lambda: model.GPTConfig(num_layers=3), r"GPTConfig.num_layers=3 is not a multiple"),
-    (lambda: model.GPTConfig(num_heads=4.0), r"GPTConfig.num_heads=4.0 must be an integer"),
-    (lambda: model.GPTConfig(dtype="float99"), r"GPTConfig.dtype='float99' is not a dtype"),
+    (lambda: gpt.GPTConfig(num_layers=3), r"GPTConfig.num_layers=3 is not a multiple"),
+    (lambda: gpt.GPTConfig(num_heads=4.0), r"GPTConfig.num_heads=4.0 must be an integer"),
+    (lambda: gpt.GPTConfig(dtype="float99"), r"GPTConfig.dtype='float99' is not a dtype"),
     (lambda: optim.OptimizerConfig(peak_learning_rate=-1e-3), r"peak_learning_rate=-0.001"),
     (lambda: optim.OptimizerConfig(b1=math.nan), r"OptimizerConfig.b1=nan must be a finite"),
-    (lambda: data.DataConfig(eval_max_batches=2.5), r"eval_max_batches=2.5 must be an integer "
+    (lambda: loader.DataConfig(eval_max_batches=2.5), r"eval_max_batches=2.5 must be an integer "
                                                     r"or None"),
-    (lambda: data.DataConfig(mixture_or_task=3), r"DataConfig.mixture_or_task=3 must be a str"),
+    (lambda: loader.DataConfig(mixture_or_task=3), r"DataConfig.mixture_or_task=3 must be a str"),
     (lambda: checkpoint.CheckpointConfig(save_every_steps=0), r"save_every_steps=0 must be >= 1"),
     (lambda: checkpoint.CheckpointConfig(async_save=1), r"async_save=1 must be true or false"),
-    (lambda: sampling_cli.SampleConfig(max_tokens=True), r"SampleConfig.max_tokens=True"),
+    (lambda: offline.SampleConfig(max_tokens=True), r"SampleConfig.max_tokens=True"),
 ])
 def test_config_values_are_checked(make, message):
   with pytest.raises(ConfigError, match=message):
@@ -83,7 +92,7 @@ def test_config_values_are_checked(make, message):
 
 
 def test_valid_configs_still_build():
-  assert model.GPTConfig(attention_pattern=["dense", "banded"]).attention_pattern == (
+  assert gpt.GPTConfig(attention_pattern=["dense", "banded"]).attention_pattern == (
       "dense", "banded")
   assert optim.OptimizerConfig(peak_learning_rate=1).peak_learning_rate == 1
   assert trainer.TrainConfig(train_tokens=300e9, time_limit_s=None).train_tokens == 300e9
@@ -109,15 +118,15 @@ def test_bad_input_is_exit_2_and_one_stderr_line(binding, message):
 
 def test_one_line_drops_gins_suffix_and_bounds_the_length():
   text = "GPTConfig.x=1 bad\n  In call to configurable 'GPTConfig' (<class ...>)"
-  assert main.one_line(text) == "GPTConfig.x=1 bad"
-  assert len(main.one_line("x" * 5000)) == main.MAX_LINE
+  assert errors.one_line(text) == "GPTConfig.x=1 bad"
+  assert len(errors.one_line("x" * 5000)) == errors.MAX_LINE
 
 
 def test_a_prompts_file_that_is_not_utf8_names_the_line(tmp_path):
   path = tmp_path / "prompts.jsonl"
   path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
   with pytest.raises(UsageError, match=r"prompts.jsonl line 2: not UTF-8"):
-    sampling_cli.read_prompts(str(path))
+    offline.read_prompts(str(path))
 
 
 def test_a_text_file_that_is_not_utf8_is_one_line(tmp_path):
@@ -126,9 +135,9 @@ def test_a_text_file_that_is_not_utf8_is_one_line(tmp_path):
   bad.write_bytes(b"fine\n\xff\n")
   name = tasks.text_files_task(name="not_utf8_corpus", train_files=str(bad),
                                validation_files=str(bad))
-  config = data.DataConfig(mixture_or_task=name, sequence_length=32, batch_size=8)
-  with pytest.raises(data.DataError, match=r"bad\.txt line 2: not UTF-8"):
-    next(data.TrainIterator(config, one_device()))
+  config = loader.DataConfig(mixture_or_task=name, sequence_length=32, batch_size=8)
+  with pytest.raises(loader.DataError, match=r"bad\.txt line 2: not UTF-8"):
+    next(loader.TrainIterator(config, one_device()))
 
 
 # --- 3: the sampler's output: checked first, streamed, renamed at the end -----
@@ -139,7 +148,7 @@ def test_a_text_file_that_is_not_utf8_is_one_line(tmp_path):
 ])
 def test_an_unwritable_output_is_refused_before_any_work(tmp_path, output, message):
   with pytest.raises(UsageError, match=message):
-    sampling_cli.open_output(os.path.join(tmp_path, output))
+    offline.open_output(os.path.join(tmp_path, output))
 
 
 class _FakeDecoder:
@@ -160,26 +169,26 @@ class _FakeDecoder:
 def test_results_are_written_as_they_complete_and_a_crash_keeps_them(tmp_path, monkeypatch,
                                                                      capsys):
   import tasks
-  config = sampling_cli.SampleConfig(batch_size=1, max_tokens=1)
-  lines = [json.dumps({"prompt": f"p{i}"}) for i in range(3 * sampling_cli.CHUNK_BATCHES)]
+  config = offline.SampleConfig(batch_size=1, max_tokens=1)
+  lines = [json.dumps({"prompt": f"p{i}"}) for i in range(3 * offline.CHUNK_BATCHES)]
   prompts = tmp_path / "in.jsonl"
   prompts.write_text("\n".join(lines) + "\n")
   output = str(tmp_path / "out.jsonl")
-  decoder = _FakeDecoder(fail_at=2 * sampling_cli.CHUNK_BATCHES + 1)  # in the third chunk
-  monkeypatch.setattr(sampling_cli, "SampleConfig",
+  decoder = _FakeDecoder(fail_at=2 * offline.CHUNK_BATCHES + 1)  # in the third chunk
+  monkeypatch.setattr(offline, "SampleConfig",
                       lambda: dataclasses.replace(config, checkpoint_dir="unused"))
-  monkeypatch.setattr(sampling_cli, "_decoder", lambda *a: (
+  monkeypatch.setattr(offline, "_decoder", lambda *a: (
       tiny(), tasks.get_vocabulary("byte"), decoder))
   with pytest.raises(RuntimeError, match="the decoder died"):
-    sampling_cli.sample_file(str(prompts), output)
+    offline.sample_file(str(prompts), output)
   assert not os.path.exists(output)
   kept = [json.loads(line) for line in open(output + ".partial")]
-  assert [k["line"] for k in kept] == list(range(1, 2 * sampling_cli.CHUNK_BATCHES + 1))
+  assert [k["line"] for k in kept] == list(range(1, 2 * offline.CHUNK_BATCHES + 1))
   assert f"stopped after {len(kept)} of {len(lines)} lines" in capsys.readouterr().err
 
-  monkeypatch.setattr(sampling_cli, "_decoder", lambda *a: (
+  monkeypatch.setattr(offline, "_decoder", lambda *a: (
       tiny(), tasks.get_vocabulary("byte"), _FakeDecoder()))
-  assert sampling_cli.sample_file(str(prompts), output) == 0
+  assert offline.sample_file(str(prompts), output) == 0
   assert not os.path.exists(output + ".partial")
   assert [json.loads(line)["completions"] for line in open(output)] == [["A"]] * len(lines)
 
@@ -197,8 +206,8 @@ def test_results_are_written_as_they_complete_and_a_crash_keeps_them(tmp_path, m
 ])
 def test_one_line_cannot_exhaust_the_host(request_, message):
   import tasks
-  with pytest.raises(sampling_cli.RequestError, match="line 7: " + message):
-    sampling_cli.parse_request(7, request_, sampling_cli.SampleConfig(),
+  with pytest.raises(offline.RequestError, match="line 7: " + message):
+    offline.parse_request(7, request_, offline.SampleConfig(),
                                tasks.get_vocabulary("byte"), 1 << 30)
 
 
@@ -247,7 +256,7 @@ def test_a_corrupt_checkpoint_is_one_line_and_training_resumes_from_an_older_one
 
 def test_an_empty_json_item_and_another_model_shape_are_one_line(tmp_path):
   abstract = _saved(tmp_path, steps=(1,))
-  other = one_device().abstract(model.abstract_variables(tiny(max_len=32, window=8,
+  other = one_device().abstract(gpt.abstract_variables(tiny(max_len=32, window=8,
                                                               d_model=32, head_dim=8))["params"])
   with pytest.raises(checkpoint.ShapeMismatchError,
                      match=r"/1 was written by another model shape: parameter \S+ is \(.*\) in "

@@ -1,4 +1,4 @@
-"""The GPU check (paxgpt/gpu_check.py, launch/gpu_check.sh) on CPU: its --smoke
+"""The GPU check (paxgpt/bench/gpu_check.py, launch/gpu_check.sh) on CPU: its --smoke
 run gives every section's rows with finite figures and passing kernel checks,
 and the pieces it computes by itself (model shapes from gin files without gin,
 the batch search, the decode bytes) agree with their sources."""
@@ -11,12 +11,16 @@ import subprocess
 import sys
 import types
 
-import gin
 import jax
 import jax.numpy as jnp
 import pytest
 
-from paxgpt import gpu_check, model, optim, sharding, train_step
+from paxgpt.bench import gpu_check
+from paxgpt.config.model_files import model_config
+from paxgpt.model import gpt
+from paxgpt.training import optim
+from paxgpt.model import sharding
+from paxgpt.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The figures each measured row must carry, finite, on every platform.
@@ -58,26 +62,6 @@ def test_smoke_run_gives_every_section_with_finite_figures(tmp_path, capsys):
       "gpu", "cudnn", "reference"}
 
 
-@pytest.mark.parametrize("name", sorted(f[:-4] for f in os.listdir(
-    os.path.join(ROOT, "gin", "models"))))
-def test_model_config_reads_the_same_shapes_as_gin(name):
-  gin.clear_config()
-  try:
-    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "models", f"{name}.gin")],
-                                        [])
-    assert gpu_check.model_config(name) == model.GPTConfig()
-  finally:
-    gin.clear_config()
-
-
-def test_model_config_refuses_a_binding_it_cannot_read(tmp_path, monkeypatch):
-  (tmp_path / "gin" / "models").mkdir(parents=True)
-  (tmp_path / "gin" / "models" / "odd.gin").write_text("GPTConfig.num_layers = %LAYERS\n")
-  monkeypatch.setattr(gpu_check, "REPO_ROOT", str(tmp_path))
-  with pytest.raises(ValueError, match="odd.gin:1"):
-    gpu_check.model_config("odd")
-
-
 def test_largest_batch_extrapolates_the_temporaries():
   gib = 2**30
   # 10 GiB of state, 4 GiB of temporaries at batch 8: 0.5 GiB a row.
@@ -88,12 +72,12 @@ def test_largest_batch_extrapolates_the_temporaries():
 
 
 def test_decode_bytes_are_the_cache_the_model_allocates():
-  config = gpu_check.model_config("gpt3_tiny", num_layers=4, window=8)
+  config = model_config("gpt3_tiny", num_layers=4, window=8)
   prompt, cache_length, batch = 12, 20, 3
   tokens = jnp.zeros((batch, prompt), jnp.int32)
-  gpt = model.GPT(config)
-  params = jax.eval_shape(lambda t: gpt.init(jax.random.key(0), t), tokens)["params"]
-  _, variables = jax.eval_shape(lambda p, t: gpt.apply(
+  network = gpt.GPT(config)
+  params = jax.eval_shape(lambda t: network.init(jax.random.key(0), t), tokens)["params"]
+  _, variables = jax.eval_shape(lambda p, t: network.apply(
       {"params": p}, t, decode="prefill", cache_length=cache_length, mutable=["cache"]),
       params, tokens)
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables["cache"]))
@@ -151,7 +135,7 @@ class _FakeTrainer:
 def test_train_batch_search(fits, first, expected, compiled):
   trainer = _FakeTrainer(fits)
   plan = dataclasses.replace(gpu_check.SMOKE, train_max_batch=64)
-  config = gpu_check.model_config("gpt3_tiny")
+  config = model_config("gpt3_tiny")
   clock = gpu_check.Clock(600)
   run = lambda: gpu_check._train_row(trainer, "tiny", config, 8, plan, 100 * 2**30, first, clock)
   if expected is None:
@@ -168,7 +152,7 @@ def test_imports_on_a_box_without_the_data_side():
   code = ("import sys\n"
           "for name in ('tensorflow', 'seqio', 't5', 'tensorboard'):\n"
           "  sys.modules[name] = None  # importing it raises ImportError\n"
-          "import paxgpt.gpu_check\n")
+          "import paxgpt.bench.gpu_check\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -219,7 +203,7 @@ def test_full_plan_train_steps_lower_for_cuda(name, backend, remat):
   assert (name, backend, remat) in gpu_check.FULL.train_rows
   partitioner = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
   optimizer, schedule = optim.make_optimizer(optim.OptimizerConfig(), 1000)
-  config = gpu_check.model_config(name, attention_backend=backend, remat_policy=remat)
+  config = model_config(name, attention_backend=backend, remat_policy=remat)
   abstract = train_step.abstract_train_state(config, optimizer)
   step = train_step.make_train_step(config, optimizer, partitioner, schedule=schedule,
                                     abstract_state=abstract)
@@ -235,12 +219,12 @@ def test_full_plan_train_steps_lower_for_cuda(name, backend, remat):
 
 def test_full_plan_prefill_lowers_for_cuda():
   plan = gpu_check.FULL
-  config = gpu_check.model_config("gpt3_xl", attention_backend="gpu")
-  gpt = model.GPT(config)
-  params = jax.eval_shape(lambda t: gpt.init(jax.random.key(0), t),
+  config = model_config("gpt3_xl", attention_backend="gpu")
+  network = gpt.GPT(config)
+  params = jax.eval_shape(lambda t: network.init(jax.random.key(0), t),
                           jnp.zeros((1, 8), jnp.int32))["params"]
   tokens = jax.ShapeDtypeStruct((max(plan.decode_batches), plan.prompt_len), jnp.int32)
-  prefill = jax.jit(lambda p, t: gpt.apply(
+  prefill = jax.jit(lambda p, t: network.apply(
       {"params": p}, t, segment_ids=jnp.ones_like(t), decode="prefill",
       cache_length=plan.prompt_len + plan.new_tokens, mutable=["cache"]))
   partitioner = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))

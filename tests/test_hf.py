@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import BPE_TEXTS, byte_level_bpe
-from paxgpt import hf, model, model_dir, sharding
+from paxgpt.interop import hf
+from paxgpt.model import gpt
+from paxgpt.store import model_dir
+from paxgpt.model import sharding
 from paxgpt.cli import main
 from paxgpt.errors import UsageError
 
@@ -84,14 +87,14 @@ def test_logits_equal_transformers(imported):
   assert cfg.attention_pattern == (("dense", "banded") if arch == "gpt_neo" else ("dense",))
   assert spec == f"gpt2:{root / 'pax' / 'vocabulary'}"
   ids = np.random.RandomState(0).randint(0, vocab, (2, 48))
-  ours = np.asarray(model.GPT(cfg).apply({"params": params}, ids + 1))
+  ours = np.asarray(gpt.GPT(cfg).apply({"params": params}, ids + 1))
   theirs = hf_logits(hf_model, ids)
   np.testing.assert_allclose(ours[..., 1:vocab + 1], theirs, rtol=1e-5,
                              atol=1e-5 * np.abs(theirs).max())
   assert np.linalg.norm(ours[..., 1:vocab + 1] - theirs) < 1e-5 * np.linalg.norm(theirs)
   # Padding id 0 and the padded rows never win.
-  assert (ours[..., 0] == model.PADDING_LOGIT).all()
-  assert (ours[..., vocab + 1:] == model.PADDING_LOGIT).all()
+  assert (ours[..., 0] == gpt.PADDING_LOGIT).all()
+  assert (ours[..., vocab + 1:] == gpt.PADDING_LOGIT).all()
 
 
 REQUESTS = [
@@ -263,14 +266,14 @@ def test_config_translation_round_trips_and_refuses_what_it_cannot_express():
                                      n_positions=32, vocab_size=300,
                                      scale_attn_weights=False))]:
     model_type, kwargs = hf.config_from_hf(config)
-    cfg = model.GPTConfig(**kwargs)
+    cfg = gpt.GPTConfig(**kwargs)
     assert model_type == arch
     again_type, again = hf.config_to_hf(cfg)
     assert again_type == arch and hf.config_from_hf(again)[1] == kwargs
-  cfg = model.GPTConfig(**hf.config_from_hf(config)[1])
+  cfg = gpt.GPTConfig(**hf.config_from_hf(config)[1])
   assert cfg.attention_scale == 1.0 and cfg.qkv_bias
   with pytest.raises(UsageError, match="qkv_bias=True"):
-    hf.config_to_hf(model.GPTConfig(vocab_size=300, num_layers=2, d_model=64, num_heads=4))
+    hf.config_to_hf(gpt.GPTConfig(vocab_size=300, num_layers=2, d_model=64, num_heads=4))
 
 
 @pytest.mark.parametrize("pattern,arch", [(("dense", "banded"), "GPTNeoForCausalLM"),
@@ -280,8 +283,9 @@ def test_a_model_trained_in_paxgpt_exports_with_its_attention_scale(pattern, arc
   the scale into q_proj. A dense/banded model needs qkv_bias=False (GPT-Neo's
   q/k/v have none); an all-dense one keeps its biases (GPT-2's c_attn)."""
   import types
-  from paxgpt import checkpoint, sampling
-  cfg = model.GPTConfig(vocab_size=259, num_layers=2, d_model=60, num_heads=5, max_len=64,
+  from paxgpt.store import checkpoint
+  from paxgpt.decoding import sampling
+  cfg = gpt.GPTConfig(vocab_size=259, num_layers=2, d_model=60, num_heads=5, max_len=64,
                         window=WINDOW, attention_pattern=pattern, dtype="float32",
                         qkv_bias=len(pattern) == 1, init_std=0.2)
   partitioner = sharding.Partitioner(sharding.mesh_from_flag(MESH))
@@ -301,7 +305,7 @@ def test_a_model_trained_in_paxgpt_exports_with_its_attention_scale(pattern, arc
   assert type(exported).__name__ == arch
   assert not (tmp_path / "out" / "tokenizer_config.json").exists()  # byte vocabulary
   ids = np.random.RandomState(2).randint(1, 259, (2, 40))
-  ours = np.asarray(model.GPT(cfg).apply({"params": params}, ids))[..., 1:259]
+  ours = np.asarray(gpt.GPT(cfg).apply({"params": params}, ids))[..., 1:259]
   theirs = hf_logits(exported, ids - 1)
   np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
 

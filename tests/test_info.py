@@ -4,7 +4,10 @@ import json
 import gin
 import pytest
 
-from paxgpt import accounting, info, model, sharding
+from paxgpt.model import accounting
+from paxgpt.model import info
+from paxgpt.model import gpt
+from paxgpt.model import sharding
 from paxgpt.cli import main
 from conftest import closed_form_params
 
@@ -36,7 +39,7 @@ def info_json(capsys, size, *extra):
 @pytest.mark.parametrize("size", sorted(TABLE_2_1))
 def test_param_counts_of_gpt3_sizes(capsys, size):
   report = info_json(capsys, size, "--mesh=data:1,fsdp:8,tensor:1")
-  config = model.GPTConfig(**{k: report[k] for k in (
+  config = gpt.GPTConfig(**{k: report[k] for k in (
       "num_layers", "d_model", "num_heads", "head_dim", "vocab_size")}, max_len=2048)
   assert report["params"] == closed_form_params(config)
   assert report["params"] == pytest.approx(TABLE_2_1[size], rel=0.02)
@@ -64,8 +67,8 @@ def test_gpt3_175b_is_sharded_almost_everywhere(capsys):
 
 
 def test_bytes_per_device_by_hand():
-  config = model.GPTConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=4, max_len=32)
-  variables = model.abstract_variables(config)
+  config = gpt.GPTConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=4, max_len=32)
+  variables = gpt.abstract_variables(config)
   per_device, replicated = accounting.bytes_per_device(
       variables, {"data": 2, "fsdp": 4, "tensor": 2})
   # every weight has an embed (fsdp=4) axis; heads/mlp/vocab add tensor=2;
@@ -84,7 +87,7 @@ def test_bytes_per_device_by_hand():
 def test_text_output(capsys):
   code, out, _ = run_cli(capsys, "info", "--gin_file=gin/models/gpt3_tiny.gin",
                          "--mesh=data:1,fsdp:1,tensor:1")
-  config = model.GPTConfig(vocab_size=259, num_layers=2, d_model=64, num_heads=4, head_dim=16,
+  config = gpt.GPTConfig(vocab_size=259, num_layers=2, d_model=64, num_heads=4, head_dim=16,
                            max_len=128, window=16)
   total = closed_form_params(config)
   embedding = config.padded_vocab_size * 64 + 128 * 64

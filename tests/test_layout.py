@@ -1,6 +1,16 @@
-"""The house rules of ../shared/design.md, checked on the source tree: no import
-cycles, the JAX-only modules import without TensorFlow, shardings are written
-only in sharding.py, commands live only in paxgpt/cli/."""
+"""The house rules of docs/architecture.md, checked on the source tree:
+
+- no import cycle, counting imports inside functions (lazy ones) and modules
+  named as strings to `importlib.import_module`;
+- nothing below the benchmarks and the CLI imports them, and no benchmark
+  imports the CLI;
+- TensorFlow, SeqIO and t5 are imported only on the data side (`tasks/`,
+  `paxgpt/data/`), and the JAX-only modules import without them;
+- PartitionSpecs and shard counts are written only in `paxgpt/model/sharding.py`;
+- commands are defined only in `paxgpt/cli/`;
+- the document's table of rooms names every module, and every module it names
+  exists.
+"""
 import ast
 import os
 import re
@@ -11,6 +21,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("paxgpt", "kernels", "tasks")
+DOC = os.path.join(ROOT, "docs", "architecture.md")
+DATA_SIDE = ("tasks", "paxgpt.data")
+TOP = ("paxgpt.bench", "paxgpt.cli")  # nothing else may import these rooms
+HEAVY = ("tensorflow", "tensorflow_text", "seqio", "t5")
 
 
 def _modules():
@@ -26,29 +40,35 @@ def _modules():
   return out
 
 
-def _top_level_imports(path, modules):
-  """Project modules imported when `path` is imported (module-level statements,
-  not those inside functions, which run later)."""
+MODULES = _modules()
+
+
+def _imported_names(path):
+  """Every module name an import statement anywhere in `path` names (module
+  level or inside a function), and every string constant that is exactly a
+  project module's name (what `importlib.import_module` is given)."""
   tree = ast.parse(open(path, encoding="utf-8").read())
-  found = set()
-  for node in tree.body:
-    names = []
+  names = set()
+  for node in ast.walk(tree):
     if isinstance(node, ast.Import):
-      names = [a.name for a in node.names]
+      names.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-    elif isinstance(node, ast.Try):  # optional imports count too
-      for inner in node.body:
-        if isinstance(inner, (ast.Import, ast.ImportFrom)):
-          names += [a.name for a in inner.names] + ([inner.module] if getattr(
-              inner, "module", None) else [])
-    found.update(n for n in names if n in modules)
-  return found
+      names.add(node.module)
+      names.update(f"{node.module}.{a.name}" for a in node.names)
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+        and node.value in MODULES:
+      names.add(node.value)
+  return names
 
 
-def test_no_import_cycles():
-  modules = _modules()
-  graph = {m: _top_level_imports(p, modules) - {m} for m, p in modules.items()}
+def _in(module, rooms):
+  return any(module == r or module.startswith(r + ".") for r in rooms)
+
+
+GRAPH = {m: {n for n in _imported_names(p) if n in MODULES} - {m} for m, p in MODULES.items()}
+
+
+def test_no_import_cycles_lazy_imports_included():
   # A package's __init__ importing its own submodules is how packages work; a
   # cycle needs a submodule importing back into a module that imports it.
   state, stack = {}, []
@@ -56,7 +76,7 @@ def test_no_import_cycles():
   def visit(m):
     state[m] = "open"
     stack.append(m)
-    for dep in graph[m]:
+    for dep in sorted(GRAPH[m]):
       if dep == m.rpartition(".")[0] or m == dep.rpartition(".")[0]:
         continue  # package <-> its own submodule
       if state.get(dep) == "open":
@@ -66,16 +86,41 @@ def test_no_import_cycles():
         visit(dep)
     stack.pop()
     state[m] = "done"
-  for m in sorted(graph):
+  for m in sorted(GRAPH):
     if m not in state:
       visit(m)
 
 
-# Modules that must import on a box with JAX, Flax, Optax and Orbax but no
+def test_the_cycle_check_sees_lazy_imports(tmp_path):
+  # The check itself: an import inside a function counts.
+  path = tmp_path / "m.py"
+  path.write_text("def f():\n  from paxgpt.cli import main\n  return main\n")
+  assert "paxgpt.cli.main" in _imported_names(str(path))
+
+
+def test_nothing_below_imports_the_benchmarks_or_the_cli():
+  offenders = [(m, d) for m, deps in GRAPH.items() for d in deps
+               if _in(d, TOP) and not _in(m, TOP)]
+  offenders += [(m, d) for m, deps in GRAPH.items() for d in deps
+                if _in(m, ("paxgpt.bench",)) and _in(d, ("paxgpt.cli",))]
+  assert offenders == []
+
+
+def test_tensorflow_seqio_and_t5_only_on_the_data_side():
+  offenders = sorted(
+      (m, n) for m, p in MODULES.items() if not _in(m, DATA_SIDE)
+      for n in _imported_names(p) if n.split(".")[0] in HEAVY)
+  assert offenders == []
+
+
+# Modules that must import on a box with JAX, Flax, Optax, Orbax and gin but no
 # TensorFlow, SeqIO or t5 (the GPU box; `paxgpt plan` on a TPU VM).
-JAX_ONLY = ("kernels", "paxgpt.model", "paxgpt.sharding", "paxgpt.optim", "paxgpt.accounting",
-            "paxgpt.train_step", "paxgpt.checkpoint", "paxgpt.sampling", "paxgpt.model_dir",
-            "paxgpt.hf", "paxgpt.bench_decode", "paxgpt.gpu_check")
+JAX_ONLY = ("kernels", "paxgpt.model.gpt", "paxgpt.model.sharding", "paxgpt.model.accounting",
+            "paxgpt.model.info", "paxgpt.config.checks", "paxgpt.config.gin_flags",
+            "paxgpt.config.model_files", "paxgpt.training.optim", "paxgpt.training.train_step",
+            "paxgpt.store.checkpoint", "paxgpt.store.model_dir", "paxgpt.store.run_lock",
+            "paxgpt.decoding.sampling", "paxgpt.interop.hf", "paxgpt.bench.decode",
+            "paxgpt.bench.train", "paxgpt.bench.gpu_check")
 
 
 def test_jax_only_modules_import_without_tensorflow():
@@ -92,22 +137,22 @@ def test_jax_only_modules_import_without_tensorflow():
 
 
 def _source_files():
-  for module, path in _modules().items():
+  for module, path in MODULES.items():
     yield module, path, open(path, encoding="utf-8").read()
 
 
-def test_partition_specs_are_written_only_in_sharding_py():
+def test_partition_specs_are_written_only_in_the_sharding_room():
   offenders = [m for m, _, text in _source_files()
                if re.search(r"\bPartitionSpec\b|\bNamedSharding\(", text)
-               and m not in ("paxgpt.sharding",)]
+               and m != "paxgpt.model.sharding"]
   assert offenders == []
 
 
-def test_shard_counts_are_computed_only_in_sharding_py():
+def test_shard_counts_are_computed_only_in_the_sharding_room():
   # Mesh axis sizes multiplied by hand (data x fsdp ...) instead of asking the rules.
   pattern = re.compile(r"""axis_sizes\[["'](data|fsdp|tensor)["']\]|mesh\.shape\[["']""")
   offenders = [m for m, _, text in _source_files()
-               if pattern.search(text) and m != "paxgpt.sharding"]
+               if pattern.search(text) and m != "paxgpt.model.sharding"]
   assert offenders == []
 
 
@@ -118,3 +163,46 @@ def test_commands_are_defined_only_in_the_cli():
   from paxgpt.cli import commands, main
   for name, command in main.COMMANDS.items():
     assert callable(getattr(commands, command.function)), name
+
+
+def _rooms_table():
+  """The paths in the first column of the document's rooms table."""
+  text = open(DOC, encoding="utf-8").read()
+  table = text.split("## Rooms", 1)[1].split("\n## ", 1)[0]
+  paths = []
+  for line in table.splitlines():
+    if line.startswith("| `"):
+      first = line.split("|")[1]
+      paths += re.findall(r"`([^`]+)`", first)
+  return paths
+
+
+def test_the_rooms_table_names_every_module_and_nothing_else():
+  named = _rooms_table()
+  assert named, "docs/architecture.md has no rooms table"
+  missing = [p for p in named if not os.path.exists(os.path.join(ROOT, p))]
+  assert missing == [], f"the document names paths that do not exist: {missing}"
+  covered = set()
+  for p in named:
+    full = os.path.join(ROOT, p)
+    if os.path.isdir(full):
+      covered.update(os.path.relpath(path, ROOT) for m, path in MODULES.items()
+                     if path.startswith(full.rstrip("/") + os.sep)
+                     and os.path.dirname(path) == full.rstrip("/"))
+    else:
+      covered.add(p)
+  modules = {os.path.relpath(p, ROOT) for m, p in MODULES.items()
+             if m.startswith("paxgpt.") and not p.endswith("__init__.py")}
+  assert sorted(modules - covered) == [], "modules missing from docs/architecture.md"
+
+
+def test_no_file_refers_to_the_shared_folder():
+  listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+  if listed.returncode:
+    pytest.skip("not a git checkout")
+  this = os.path.relpath(__file__, ROOT)
+  offenders = [f for f in listed.stdout.split() if f != this
+               and os.path.isfile(os.path.join(ROOT, f))
+               and "../shared" in open(os.path.join(ROOT, f), encoding="utf-8",
+                                       errors="replace").read()]
+  assert offenders == []

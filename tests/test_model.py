@@ -9,11 +9,12 @@ import pytest
 
 import kernels
 from conftest import closed_form_params, mesh_2x2x2, tiny
-from paxgpt import model, sharding
+from paxgpt.model import gpt
+from paxgpt.model import sharding
 
 def init(config, batch=2, length=32, seed=0):
   tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 1, config.vocab_size)
-  variables = model.GPT(config).init(jax.random.key(seed), tokens)
+  variables = gpt.GPT(config).init(jax.random.key(seed), tokens)
   return nn.unbox(variables)["params"], tokens
 
 
@@ -28,9 +29,9 @@ def test_param_count_matches_closed_form():
 def test_logits_shape_and_padding_rows_never_win():
   config = tiny()
   params, tokens = init(config)
-  logits = model.GPT(config).apply({"params": params}, tokens)
+  logits = gpt.GPT(config).apply({"params": params}, tokens)
   assert logits.shape == (2, 32, 384) and logits.dtype == jnp.float32
-  assert np.all(np.asarray(logits[..., 259:]) == model.PADDING_LOGIT)
+  assert np.all(np.asarray(logits[..., 259:]) == gpt.PADDING_LOGIT)
   assert np.all(np.asarray(jnp.argmax(logits, -1)) < 259)
 
 
@@ -77,8 +78,8 @@ def test_pattern_matters_only_beyond_the_window():
   dense_params = jax.tree_util.tree_map(lambda x: x, params)
   dense_params["layers"] = {"0_dense": params["layers"]["0_dense"],
                             "1_dense": params["layers"]["1_banded"]}
-  a = model.GPT(alternating).apply({"params": params}, tokens)
-  d = model.GPT(all_dense).apply({"params": dense_params}, tokens)
+  a = gpt.GPT(alternating).apply({"params": params}, tokens)
+  d = gpt.GPT(all_dense).apply({"params": dense_params}, tokens)
   np.testing.assert_allclose(a[:, :8], d[:, :8], atol=1e-5)  # inside W: identical
   assert np.abs(np.asarray(a[:, 8:] - d[:, 8:])).max() > 1e-3  # beyond W: differ
 
@@ -91,20 +92,20 @@ def test_packed_segments_are_independent_documents():
   packed = np.concatenate([doc_a, doc_b])[None]
   segments = np.array([[1] * 10 + [2] * 14])
   positions = np.array([list(range(10)) + list(range(14))])
-  gpt = model.GPT(config)
-  both = gpt.apply({"params": params}, packed, positions, segments)
-  alone_b = gpt.apply({"params": params}, doc_b[None])
-  alone_a = gpt.apply({"params": params}, doc_a[None])
+  network = gpt.GPT(config)
+  both = network.apply({"params": params}, packed, positions, segments)
+  alone_b = network.apply({"params": params}, doc_b[None])
+  alone_a = network.apply({"params": params}, doc_a[None])
   np.testing.assert_allclose(both[:, 10:], alone_b, atol=1e-5)
   np.testing.assert_allclose(both[:, :10], alone_a, atol=1e-5)
 
 
 def _loss_and_grads(config, params, tokens):
-  gpt = model.GPT(config)
+  network = gpt.GPT(config)
 
   def loss(p):
-    logits = gpt.apply({"params": p}, tokens)
-    return model.lm_loss(logits[:, :-1], tokens[:, 1:], jnp.ones_like(tokens[:, 1:]))[0]
+    logits = network.apply({"params": p}, tokens)
+    return gpt.lm_loss(logits[:, :-1], tokens[:, 1:], jnp.ones_like(tokens[:, 1:]))[0]
 
   return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -133,10 +134,10 @@ def test_lm_loss_against_numpy():
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   expected = (nll * weights).sum() / weights.sum()
-  loss, aux = model.lm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  loss, aux = gpt.lm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
   assert float(loss) == pytest.approx(expected, rel=1e-5)
   log_z = np.log(np.exp(logits).sum(-1))
-  z_loss, _ = model.lm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
+  z_loss, _ = gpt.lm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
                             z_loss=1e-2)
   expected_z = expected + 1e-2 * (log_z**2 * weights).sum() / weights.sum()
   assert float(z_loss) == pytest.approx(expected_z, rel=1e-5)
@@ -145,9 +146,9 @@ def test_lm_loss_against_numpy():
 def test_sharded_loss_and_grads_equal_single_device():
   """Mesh (data 2, fsdp 2, tensor 2) vs one device, float32, tolerance 1e-5."""
   config = tiny()
-  gpt = model.GPT(config)
+  network = gpt.GPT(config)
   tokens = jax.random.randint(jax.random.key(1), (4, 32), 1, 259)
-  variables = gpt.init(jax.random.key(0), tokens)
+  variables = network.init(jax.random.key(0), tokens)
   params = nn.unbox(variables)["params"]
   single_loss, single_grads = _loss_and_grads(config, params, tokens)
 
@@ -180,7 +181,7 @@ def test_config_errors_name_the_bad_value():
 
 
 def test_every_parameter_has_logical_axis_names():
-  variables = model.abstract_variables(tiny())
+  variables = gpt.abstract_variables(tiny())
   leaves = jax.tree_util.tree_leaves(variables["params"],
                                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paxgpt import model, optim
+from paxgpt.model import gpt
+from paxgpt.training import optim
 
 
 def test_schedule_matches_hand_computed_values():
@@ -32,10 +33,10 @@ def test_schedule_in_tokens_uses_gpt3_numbers():
 
 
 def test_weight_decay_mask_on_gpt3_tiny_names():
-  config = model.GPTConfig(num_layers=2, d_model=32, num_heads=2, vocab_size=259,
+  config = gpt.GPTConfig(num_layers=2, d_model=32, num_heads=2, vocab_size=259,
                            max_len=16, window=8)
   params = jax.tree_util.tree_map(lambda x: x.value if hasattr(x, "value") else x,
-                                  model.abstract_variables(config)["params"],
+                                  gpt.abstract_variables(config)["params"],
                                   is_leaf=lambda x: hasattr(x, "names"))
   mask = optim.weight_decay_mask(params)
   flat = {"/".join(str(k.key) for k in path): v

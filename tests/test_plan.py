@@ -13,10 +13,12 @@ import gin
 import jax
 import pytest
 
-from paxgpt import accounting, model, plan
+from paxgpt.model import accounting
+from paxgpt.model import gpt
+from paxgpt.training import plan
 from paxgpt.cli import commands
 from paxgpt.errors import UsageError
-from paxgpt.sharding import MeshError
+from paxgpt.model.sharding import MeshError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -47,8 +49,8 @@ def test_gpt3_xl_on_8_fake_devices(model_gin, capsys):
   model_gin("gpt3_xl")
   assert commands.plan(_args(mesh="data:1,fsdp:4,tensor:2", batch=8)) == 0
   report = json.loads(capsys.readouterr().out)
-  config = model.GPTConfig()
-  variables = model.abstract_variables(config)
+  config = gpt.GPTConfig()
+  variables = gpt.abstract_variables(config)
   params, non_embedding = accounting.param_counts(variables)
   mesh = {"data": 1, "fsdp": 4, "tensor": 2}
   expected_params, _ = accounting.bytes_per_device(variables, mesh)
@@ -151,7 +153,7 @@ def test_gpt3_small_train_step_compiles_for_v5p_2x2x2_with_pallas_attention(mode
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   devices = plan.topology_devices("v5p", "2x2x2")
   assert len(devices) == 8 and "v5" in devices[0].device_kind.lower()
-  config = dataclasses.replace(model.GPTConfig(), attention_backend="tpu", remat_policy="full")
+  config = dataclasses.replace(gpt.GPTConfig(), attention_backend="tpu", remat_policy="full")
   mesh = {"data": 1, "fsdp": 4, "tensor": 2}
   # Low optimisation effort: the same program and memory plan, a third of the
   # compile time (the figures in the README come from the full-effort CLI).
@@ -160,7 +162,7 @@ def test_gpt3_small_train_step_compiles_for_v5p_2x2x2_with_pallas_attention(mode
   hlo = compiled.as_text()
   assert "tpu_custom_call" in hlo  # the Pallas kernels, not the reference attention
   report = plan.plan_figures(compiled, params, opt_state, config, devices, mesh, 8, 1024, "v5p")
-  expected_params, _ = accounting.bytes_per_device(model.abstract_variables(config), mesh)
+  expected_params, _ = accounting.bytes_per_device(gpt.abstract_variables(config), mesh)
   assert report["compiler"] == "tpu"
   assert report["param_bytes_per_device"] == expected_params
   # The TPU compiler's argument bytes: the state and batch shards padded to TPU tiles
@@ -178,7 +180,7 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting(model_gin):
   """libtpu does not compile a program whose temporaries exceed HBM; the plan
   reports the state from the shardings and the temporaries from its message."""
   model_gin("gpt3_tiny")
-  config = dataclasses.replace(model.GPTConfig(), attention_backend="reference")
+  config = dataclasses.replace(gpt.GPTConfig(), attention_backend="reference")
   mesh = {"data": 1, "fsdp": 4, "tensor": 2}
   devices = jax.devices()[:8]
   _, params, opt_state = plan.lower_train_step(config, devices, mesh, 8, 128)
@@ -186,7 +188,7 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting(model_gin):
              "HLO temporaries (23.36G) exceeds available HBM (15.75G).\nmore detail")
   report = plan._out_of_memory_figures(message, params, opt_state, config, devices, mesh, 8,
                                        128, "v5e", 0.4)
-  expected_params, _ = accounting.bytes_per_device(model.abstract_variables(config), mesh)
+  expected_params, _ = accounting.bytes_per_device(gpt.abstract_variables(config), mesh)
   assert report["param_bytes_per_device"] == expected_params
   assert report["temp_bytes_per_device"] == int(23.36 * 2**30)
   state = report["param_bytes_per_device"] + report["optimizer_bytes_per_device"]

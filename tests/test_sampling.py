@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import one_device
-from paxgpt import model, sampling, sharding
+from paxgpt.model import gpt
+from paxgpt.decoding import sampling
+from paxgpt.model import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 1
@@ -30,7 +32,7 @@ def tiny_config(init_std=0.3):
   with gin.unlock_config():
     gin.parse_config_file(os.path.join(REPO, "gin/models/gpt3_tiny.gin"))
     try:
-      config = model.GPTConfig()
+      config = gpt.GPTConfig()
     finally:
       gin.clear_config()
   assert config.dtype == "float32" and config.attention_pattern == ("dense", "banded")
@@ -48,7 +50,7 @@ def setup():
 @functools.lru_cache(maxsize=None)
 def full_forward():
   config, params, _ = setup()
-  return jax.jit(lambda tokens: model.GPT(config).apply({"params": params}, tokens))
+  return jax.jit(lambda tokens: gpt.GPT(config).apply({"params": params}, tokens))
 
 
 def reference_greedy(prompt, steps):
@@ -78,8 +80,8 @@ def test_cached_decoding_logits_equal_full_forward_dense_and_banded(scan_layers)
   config, params, _ = setup()
   config = dataclasses.replace(config, scan_layers=scan_layers)
   if not scan_layers:
-    params = model.unstack_layers(params, config.num_periods)
-  gpt = model.GPT(config)
+    params = gpt.unstack_layers(params, config.num_periods)
+  network = gpt.GPT(config)
   rng = np.random.default_rng(0)
   lengths = np.array([5, 2, 3], np.int32)
   width = int(lengths.max())
@@ -90,12 +92,12 @@ def test_cached_decoding_logits_equal_full_forward_dense_and_banded(scan_layers)
   positions = np.maximum(np.arange(width)[None] - (width - lengths)[:, None], 0)
   segments = (np.arange(width)[None] >= (width - lengths)[:, None]).astype(np.int32)
 
-  prefill = jax.jit(lambda p, t, pos, seg: gpt.apply(
+  prefill = jax.jit(lambda p, t, pos, seg: network.apply(
       {"params": p}, t, pos, seg, decode="prefill", cache_length=total, mutable=["cache"]))
-  step = jax.jit(lambda p, c, t, pos, index, start: gpt.apply(
+  step = jax.jit(lambda p, c, t, pos, index, start: network.apply(
       {"params": p, "cache": c}, t, pos, decode="step",
-      cache_index=model.CacheIndex(index, start), mutable=["cache"]))
-  full = np.asarray(jax.jit(lambda p, t: gpt.apply({"params": p}, t))(params, seqs))
+      cache_index=gpt.CacheIndex(index, start), mutable=["cache"]))
+  full = np.asarray(jax.jit(lambda p, t: network.apply({"params": p}, t))(params, seqs))
   layers = lambda tree: tree["layers"] if scan_layers else tree["layers_0"]
 
   logits, variables = prefill(params, padded, positions, segments)
@@ -106,7 +108,7 @@ def test_cached_decoding_logits_equal_full_forward_dense_and_banded(scan_layers)
   lead = ("layers",) if scan_layers else ()
   assert dense.value.shape[len(lead) + 2] == total
   assert banded.value.shape[len(lead) + 2] == config.window
-  assert dense.names == lead + model.CACHE_AXES
+  assert dense.names == lead + gpt.CACHE_AXES
   rows = np.arange(3)
   np.testing.assert_allclose(logits[:, 0], full[rows, lengths - 1], atol=1e-4, rtol=0)
   for i in range(STEPS - width):
@@ -117,7 +119,7 @@ def test_cached_decoding_logits_equal_full_forward_dense_and_banded(scan_layers)
     np.testing.assert_allclose(logits[:, 0], full[rows, lengths + i], atol=1e-4, rtol=0,
                                err_msg=f"step {i}")
   assert int((lengths + STEPS - width).min()) > config.window
-  assert set(model.abstract_variables(config)) == {"params"}  # no cache outside decoding
+  assert set(gpt.abstract_variables(config)) == {"params"}  # no cache outside decoding
 
 
 # ---------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def test_scanned_and_unrolled_decoders_agree():
   rows = sampling.make_rows(3, temperature=[0.0, 1.0, 0.8], top_k=[0, 0, 4], max_tokens=MAX_NEW,
                             seeds=[1, 2, 3])
   assert scanned.sample(PROMPTS, rows, width=8)[0] == decoder.sample(PROMPTS, rows, width=8)[0]
-  round_trip = model.stack_layers(model.unstack_layers(params, config.num_periods),
+  round_trip = gpt.stack_layers(gpt.unstack_layers(params, config.num_periods),
                                   config.num_periods)
   jax.tree.map(np.testing.assert_array_equal, round_trip, params)
 

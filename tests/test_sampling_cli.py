@@ -11,11 +11,15 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import TINY, one_device, tiny
-from paxgpt import checkpoint, model, sampling, sampling_cli, sharding
+from paxgpt.store import checkpoint
+from paxgpt.model import gpt
+from paxgpt.decoding import sampling
+from paxgpt.decoding import offline
+from paxgpt.model import sharding
 from paxgpt.cli import main
 
 MODEL = dict(max_len=64, init_std=0.3)  # conftest's TINY with these changes
-CONFIG = sampling_cli.SampleConfig(batch_size=4, max_tokens=6, temperature=0.0, prompt_bucket=16,
+CONFIG = offline.SampleConfig(batch_size=4, max_tokens=6, temperature=0.0, prompt_bucket=16,
                                    stop_check_every=2, seed=11)
 
 
@@ -31,7 +35,7 @@ def setup():
 
 def run(lines, config=CONFIG):
   model_config, _, vocab, decoder = setup()
-  return sampling_cli.run_requests(decoder, vocab, [json.dumps(x) if isinstance(x, dict) else x
+  return offline.run_requests(decoder, vocab, [json.dumps(x) if isinstance(x, dict) else x
                                                     for x in lines], config, model_config.max_len)
 
 
@@ -93,9 +97,9 @@ def test_stop_strings_end_and_trim_the_completion():
 def test_trim_at_stop_keeps_tokens_wholly_before_the_stop():
   _, _, vocab, _ = setup()
   ids = list(vocab.encode("one. two. three"))
-  text, kept, stopped = sampling_cli.trim_at_stop(ids, [". t", "zzz"], vocab)
+  text, kept, stopped = offline.trim_at_stop(ids, [". t", "zzz"], vocab)
   assert (text, vocab.decode(kept), stopped) == ("one", "one", True)
-  assert sampling_cli.trim_at_stop(ids, ["zzz"], vocab) == ("one. two. three", ids, False)
+  assert offline.trim_at_stop(ids, ["zzz"], vocab) == ("one. two. three", ids, False)
 
 
 def test_seeded_requests_are_reproducible_and_report_their_seed():

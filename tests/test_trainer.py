@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import init_train_state, one_device, tiny
-from paxgpt import checkpoint, data, metrics, model, optim, sharding, train_step, trainer
+from paxgpt.store import checkpoint
+from paxgpt.data import loader
+from paxgpt.training import metrics
+from paxgpt.model import gpt
+from paxgpt.training import optim
+from paxgpt.model import sharding
+from paxgpt.training import train_step
+from paxgpt.training import trainer
 from paxgpt.errors import UsageError
 
 TINY = tiny()
@@ -69,8 +76,8 @@ def test_gradient_accumulation_matches_one_batch():
   for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
   # The reported loss is lm_loss of the batch before the update.
-  forward = jax.jit(lambda p, b: model.lm_loss(
-      model.GPT(TINY).apply({"params": p}, b["decoder_input_tokens"], b["decoder_positions"],
+  forward = jax.jit(lambda p, b: gpt.lm_loss(
+      gpt.GPT(TINY).apply({"params": p}, b["decoder_input_tokens"], b["decoder_positions"],
                             b["decoder_segment_ids"]),
       b["decoder_target_tokens"], b["decoder_loss_weights"], 1e-4)[0])
   with part.activate():
@@ -104,7 +111,7 @@ def test_tpu_kernel_backend_trains_like_reference():
 
 # --- the loop ---------------------------------------------------------------
 
-DATA = data.DataConfig(mixture_or_task="pydoc_topics", sequence_length=32, batch_size=4,
+DATA = loader.DataConfig(mixture_or_task="pydoc_topics", sequence_length=32, batch_size=4,
                        eval_max_batches=2)
 
 
@@ -187,7 +194,7 @@ def test_finetune_starts_from_another_runs_parameters(uninterrupted, tmp_path):
   source = uninterrupted[0]
   summary = _train(tmp_path, num_steps=1, lr=1e-12, init_from=str(source))
   assert summary["step"] == 1
-  abstract = model.abstract_variables(dataclasses.replace(TINY, max_len=32))["params"]
+  abstract = gpt.abstract_variables(dataclasses.replace(TINY, max_len=32))["params"]
   part = _one_device()
   args = (part.abstract(abstract),)
   tuned = checkpoint.restore_params(tmp_path, *args)

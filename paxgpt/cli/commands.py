@@ -18,7 +18,8 @@ def _is_chief():
 def train(args):
   """`paxgpt train`: exit 0 when done (or stopped by SIGTERM after saving), 1
   when the loss became NaN/Inf."""
-  from paxgpt import sharding, trainer
+  from paxgpt.model import sharding
+  from paxgpt.training import trainer
   try:
     summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh))
   except trainer.NonFiniteLossError as e:
@@ -31,7 +32,8 @@ def train(args):
 
 def evaluate(args):
   """`paxgpt eval`: prints one JSON object (step, validation loss, perplexity)."""
-  from paxgpt import sharding, trainer
+  from paxgpt.model import sharding
+  from paxgpt.training import trainer
   result = trainer.evaluate(mesh=sharding.mesh_from_flag(args.mesh), step=args.step)
   if _is_chief():
     print(json.dumps(result), flush=True)
@@ -39,17 +41,18 @@ def evaluate(args):
 
 
 def sample(args):
-  """`paxgpt sample`: completions for a JSONL file of prompts (paxgpt/sampling_cli.py)."""
-  from paxgpt import sampling_cli, sharding
-  return sampling_cli.sample_file(args.prompts, args.output, step=args.step,
+  """`paxgpt sample`: completions for a JSONL file of prompts (paxgpt/decoding/offline.py)."""
+  from paxgpt.decoding import offline
+  from paxgpt.model import sharding
+  return offline.sample_file(args.prompts, args.output, step=args.step,
                                   mesh=sharding.mesh_from_flag(args.mesh))
 
 
 def info(args):
   """`paxgpt info`: a model's size, FLOPs and per-device bytes, without weights."""
-  from paxgpt import info as info_lib
-  from paxgpt import model
-  config = model.GPTConfig()
+  from paxgpt.model import info as info_lib
+  from paxgpt.model import gpt
+  config = gpt.GPTConfig()
   axis_sizes = info_lib.mesh_axis_sizes(args.mesh)
   info_lib.check_model_on_mesh(config, axis_sizes)
   report = info_lib.describe(config, axis_sizes, args.seq_len)
@@ -59,7 +62,7 @@ def info(args):
 
 def plan(args):
   """`paxgpt plan`: compile the train step for a mesh; per-device memory."""
-  from paxgpt import plan as plan_lib
+  from paxgpt.training import plan as plan_lib
   report = plan_lib.plan(mesh_flag=args.mesh, batch=args.batch, chip=args.chip,
                          topology=args.topology, remat=args.remat, mfu=args.mfu,
                          seq_len=args.seq_len)
@@ -78,7 +81,8 @@ def vocab(args):
 
 def import_hf(args):
   """`paxgpt import`: a MODEL_DIR from a transformers GPT-Neo / GPT-2 directory."""
-  from paxgpt import hf, sharding
+  from paxgpt.interop import hf
+  from paxgpt.model import sharding
   summary = hf.import_hf(args.hf_dir, args.model_dir, mesh=sharding.mesh_from_flag(args.mesh),
                          dtype=args.dtype)
   print(json.dumps(summary), flush=True)
@@ -87,7 +91,8 @@ def import_hf(args):
 
 def export(args):
   """`paxgpt export`: a transformers directory from a MODEL_DIR checkpoint."""
-  from paxgpt import hf, sharding
+  from paxgpt.interop import hf
+  from paxgpt.model import sharding
   summary = hf.export_hf(args.model_dir, args.hf_dir, step=args.step,
                          mesh=sharding.mesh_from_flag(args.mesh))
   print(json.dumps(summary), flush=True)
@@ -96,9 +101,10 @@ def export(args):
 
 def fewshot(args):
   """`paxgpt fewshot`: the harness's zero-/few-shot scores of MODEL_DIR's
-  checkpoint (paxgpt/lm_eval_model.py); prints the harness's results table."""
+  checkpoint (paxgpt/interop/lm_eval_model.py); prints the harness's results table."""
   import gin
-  from paxgpt import lm_eval_model, sharding
+  from paxgpt.interop import lm_eval_model
+  from paxgpt.model import sharding
   from paxgpt.errors import UsageError
   try:
     model_dir = gin.query_parameter("%MODEL_DIR")

@@ -12,7 +12,7 @@ binding, a parameter typo, a missing --gin_file, a bad config value, a mesh
 that does not fit the devices, a bad task, vocabulary or data file) ends with
 one line on stderr, "paxgpt: error: ...", naming the input, and exit code 2.
 Library code raises the errors of `input_errors()`; it never prints or exits.
-Config dataclasses raise ConfigError (paxgpt/config.py), checkpoints
+Config dataclasses raise ConfigError (paxgpt/config/checks.py), checkpoints
 CheckpointError, a MODEL_DIR owned by another run RunDirBusyError: all
 UsageErrors. A run that fails for a reason outside its input (a full disk:
 paxgpt.errors.RunError) is one line on stderr too, with exit code 1.
@@ -27,15 +27,11 @@ import contextlib
 import dataclasses
 import importlib
 import os
-import re
 import sys
 
-import gin
-
 from paxgpt import distributed
-from paxgpt.errors import RunError, UsageError
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paxgpt.config.gin_flags import parse_gin, register_configurables, split_gin_flags
+from paxgpt.errors import RunError, UsageError, one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,85 +141,18 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(f"{self.prog}: {message}")
 
 
-# gin appends where a configurable was called to errors raised inside it.
-_GIN_SUFFIX = re.compile(r"\s*In call to configurable .*$", re.S)
-
-
-# gin appends the whole config to some parse errors (an undefined macro).
-_GIN_CONFIG_DUMP = re.compile(r"\s*in config string:.*$", re.S)
-MAX_LINE = 400
-
-
-def one_line(text):
-  line = re.sub(r"\s+", " ", _GIN_SUFFIX.sub("", str(text))).strip()
-  return line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
-
-
 def input_errors():
   """The exception types that mean "the user's input is wrong": exit 2, one
   line. The data side's types are included where it is installed."""
   errors = [UsageError]
   try:
-    from paxgpt import data
+    from paxgpt.data import loader
     import tasks
-    errors += [data.DataError, tasks.VocabularyError, tasks.UnknownTaskError,
+    errors += [loader.DataError, tasks.VocabularyError, tasks.UnknownTaskError,
                tasks.TextFilesError]
   except ImportError:  # a JAX-only box
     pass
   return tuple(errors)
-
-
-def split_gin_flags(argv):
-  """Pull --gin_file=F and --gin.NAME=VALUE out of argv (t5x's flag style)."""
-  files, bindings, rest = [], [], []
-  it = iter(argv)
-  for arg in it:
-    if arg == "--gin_file":
-      files.append(next(it, ""))
-    elif arg.startswith("--gin_file="):
-      files.append(arg.split("=", 1)[1])
-    elif arg.startswith("--gin."):
-      binding = arg[len("--gin."):]
-      if "=" not in binding:
-        raise UsageError(f"{arg}: expected --gin.NAME=VALUE")
-      bindings.append(binding)
-    else:
-      rest.append(arg)
-  return files, bindings, rest
-
-
-def resolve_gin_file(path):
-  for candidate in (path, os.path.join(REPO_ROOT, path)):
-    if os.path.isfile(candidate):
-      return candidate
-  raise UsageError(f"--gin_file={path}: no such file")
-
-
-def parse_gin(files, bindings):
-  gin.add_config_file_search_path(REPO_ROOT)
-  try:
-    gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], bindings,
-                                        finalize_config=True)
-  except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
-    raise UsageError(f"gin: {_explain_gin_error(e, bindings)}") from e
-
-
-def _explain_gin_error(error, bindings):
-  """gin's message, with the two cases it words badly said plainly."""
-  text = _GIN_CONFIG_DUMP.sub("", str(error))
-  macro = re.search(r"No bindings specified for '([\w.]+)/gin\.macro'", text)
-  if macro:
-    name = macro.group(1)
-    return (f"%{name} is not defined: bind it (--gin.{name}=VALUE) or include a gin file "
-            f"that does")
-  token = re.search(r"malformed node or string.*Failed to parse token '([^']*)'", text, re.S)
-  if token:
-    value = token.group(1)
-    named = [b.split("=", 1)[0] for b in bindings if b.split("=", 1)[1].strip() == value]
-    where = f"--gin.{named[0]}={value}" if named else f"value {value}"
-    return (f"{where}: not a gin value; strings need quotes, e.g. "
-            f"--gin.{named[0] if named else 'NAME'}=\"'{value}'\"")
-  return one_line(text)
 
 
 class QuietStderr:
@@ -356,14 +285,6 @@ def _run(name, argv, quiet=False):
   if name in MULTI_PROCESS_COMMANDS:  # join a multi-host run before any device is used
     distributed.initialize_from_args(args)
   return int(function(args) or 0)
-
-
-def register_configurables():
-  """Every gin configurable that gin files may bind, so an experiment file
-  parses the same under every command."""
-  for module in ("paxgpt.model", "paxgpt.optim", "paxgpt.checkpoint", "paxgpt.sharding",
-                 "paxgpt.data", "paxgpt.trainer", "paxgpt.sampling_cli"):
-    importlib.import_module(module)
 
 
 # Set when a run failed outside its input (RunError): the I/O threads of a failed

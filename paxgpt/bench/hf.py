@@ -2,7 +2,7 @@
 checkpoint (not a test). Prints a table: wall time, GB/s of parameters, and
 peak resident memory against the model's size in bytes (goal: <= 1.5x).
 
-  python -m paxgpt.bench_hf --shape=1.3b --workdir=/tmp/bench_hf [--keep]
+  python -m paxgpt.bench.hf --shape=1.3b --workdir=/tmp/bench_hf [--keep]
 
 Each command runs in its own process, so its peak resident memory
 (ru_maxrss of that child) is its own; a process that only imports the same
@@ -31,7 +31,8 @@ VOCAB = 50257
 
 def write_random_checkpoint(directory, shape):
   """config.json, model.safetensors (float32, random) and tokenizer files."""
-  from paxgpt import hf, model
+  from paxgpt.interop import hf
+  from paxgpt.model import gpt
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   d, layers, heads = SHAPES[shape]
   os.makedirs(directory)
@@ -49,7 +50,7 @@ def write_random_checkpoint(directory, shape):
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)
   _, kwargs = hf.config_from_hf(config)
-  cfg = model.GPTConfig(**kwargs)
+  cfg = gpt.GPTConfig(**kwargs)
   specs = hf.hf_tensor_specs("gpt_neo", cfg)
   rng = np.random.default_rng(0)
   tensors = [(f"transformer.{name}", shape,
@@ -83,7 +84,10 @@ def run_child(body):
 
 
 def _command(*argv):
-  return f"from paxgpt.cli import main\nassert main.main({list(argv)!r}) == 0"
+  """The paxgpt command line `argv`, run as a user runs it."""
+  return (f"import runpy, sys\nsys.argv = ['paxgpt', *{list(argv)!r}]\n"
+          "try:\n  runpy.run_module('paxgpt.cli', run_name='__main__')\n"
+          "except SystemExit as done:\n  assert not done.code, done.code")
 
 
 def main():
@@ -98,7 +102,7 @@ def main():
   model_bytes = write_random_checkpoint(source, args.shape)
   print(f"random GPT-Neo-{args.shape} checkpoint: {model_bytes / 1e9:.2f} GB float32, "
         f"written in {time.time() - start:.1f}s", flush=True)
-  baseline = ("import paxgpt.cli.commands, paxgpt.hf, paxgpt.trainer, tasks, jax, "
+  baseline = ("import paxgpt.cli.commands, paxgpt.interop.hf, paxgpt.training.trainer, tasks, jax, "
               "orbax.checkpoint\njax.numpy.zeros(1).block_until_ready()")
   rows = [("baseline (imports only)",) + run_child(baseline)]
   pax = os.path.join(args.workdir, "pax")

@@ -1,6 +1,6 @@
 """Input pipeline throughput, and what a small model consumes, as a table.
 
-  PYTHONPATH=. .venv/bin/python -m paxgpt.bench_data [--sequence_length 2048]
+  PYTHONPATH=. .venv/bin/python -m paxgpt.bench.data [--sequence_length 2048]
       [--batch_size 8] [--batches 40] [--spm_size 2048] [--model_steps 10]
 
 Rows: the bundled task with the byte vocabulary and with a SentencePiece vocabulary
@@ -19,11 +19,10 @@ import time
 
 import jax
 import numpy as np
-import seqio
 
 import tasks
-from paxgpt import data
-from paxgpt.sharding import Partitioner, make_mesh
+from paxgpt.data import loader
+from paxgpt.model.sharding import Partitioner, make_mesh
 
 
 def time_batches(iterator, batches: int) -> tuple[float, float]:
@@ -41,13 +40,13 @@ def time_batches(iterator, batches: int) -> tuple[float, float]:
   return time.perf_counter() - start, real / total
 
 
-def pipeline_rows(config: data.DataConfig, partitioner: Partitioner, batches: int):
+def pipeline_rows(config: loader.DataConfig, partitioner: Partitioner, batches: int):
   tokens = config.batch_size * config.sequence_length * batches
-  host = data.HostBatches(config, config.train_split, seqio.ShardInfo(0, 1),
+  host = loader.HostBatches(config, config.train_split, loader.whole_split(),
                           config.batch_size, repeat=True)
   seconds, fill = time_batches(host, batches)
   rows = [("host numpy", tokens / seconds, fill)]
-  seconds, fill = time_batches(data.TrainIterator(config, partitioner), batches)
+  seconds, fill = time_batches(loader.TrainIterator(config, partitioner), batches)
   rows.append(("global jax.Array", tokens / seconds, fill))
   return rows
 
@@ -56,7 +55,7 @@ def model_row(partitioner: Partitioner, batch_size: int, steps: int):
   """gpt3_tiny forward + backward at sequence 256 on pipeline batches, or None."""
   import gin
   import flax.linen as nn
-  from paxgpt import model as model_lib
+  from paxgpt.model import gpt as model_lib
   length = 256
   gin_file = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gin", "models",
                           "gpt3_tiny.gin")
@@ -65,10 +64,10 @@ def model_row(partitioner: Partitioner, batch_size: int, steps: int):
   config = model_lib.GPTConfig(attention_backend="reference")
   gin.clear_config()
   gpt = model_lib.GPT(config)
-  data_config = data.DataConfig(sequence_length=length, batch_size=batch_size)
-  if data.vocab_size(data_config) > config.vocab_size:
+  data_config = loader.DataConfig(sequence_length=length, batch_size=batch_size)
+  if loader.vocab_size(data_config) > config.vocab_size:
     raise ValueError("gpt3_tiny's vocabulary is smaller than the byte vocabulary")
-  batches = data.TrainIterator(data_config, partitioner)
+  batches = loader.TrainIterator(data_config, partitioner)
   with partitioner.activate():
     params = nn.unbox(jax.jit(gpt.init)(jax.random.key(0),
                                         next(batches)["decoder_input_tokens"]))["params"]
@@ -105,7 +104,7 @@ def main(argv=None):
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; "
         f"rows of {args.sequence_length} tokens, batch {args.batch_size}")
   table = []
-  byte = data.DataConfig(sequence_length=args.sequence_length, batch_size=args.batch_size)
+  byte = loader.DataConfig(sequence_length=args.sequence_length, batch_size=args.batch_size)
   for name, tokens_per_s, fill in pipeline_rows(byte, partitioner, args.batches):
     table.append((f"pydoc_topics byte, {name}", tokens_per_s, fill))
 
@@ -113,7 +112,7 @@ def main(argv=None):
     start = time.perf_counter()
     path = tasks.train_sentencepiece("pydoc_topics", args.spm_size, tmp)
     train_seconds = time.perf_counter() - start
-    spm = data.DataConfig(vocabulary=f"spm:{path}", sequence_length=args.sequence_length,
+    spm = loader.DataConfig(vocabulary=f"spm:{path}", sequence_length=args.sequence_length,
                           batch_size=args.batch_size)
     for name, tokens_per_s, fill in pipeline_rows(spm, partitioner, args.batches):
       table.append((f"pydoc_topics spm{args.spm_size}, {name}", tokens_per_s, fill))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from paxgpt import model
+from paxgpt.model import gpt
 from paxgpt.errors import UsageError
 
 BATCH_NAMES = ("batch", "length")
@@ -39,10 +39,10 @@ class TrainState:
 
 
 def _model_fn(config, deterministic):
-  gpt = model.GPT(config)
+  network = gpt.GPT(config)
 
   def apply(params, batch, rng):
-    return gpt.apply({"params": params}, batch["decoder_input_tokens"],
+    return network.apply({"params": params}, batch["decoder_input_tokens"],
                      positions=batch["decoder_positions"],
                      segment_ids=batch["decoder_segment_ids"], deterministic=deterministic,
                      rngs=None if deterministic else {"dropout": rng})
@@ -52,7 +52,7 @@ def _model_fn(config, deterministic):
 def abstract_train_state(model_config, optimizer):
   """TrainState of ShapeDtypeStructs in flax LogicallyPartitioned boxes (the
   step is a plain int32 scalar); nothing is allocated."""
-  params = model.abstract_variables(model_config)["params"]
+  params = gpt.abstract_variables(model_config)["params"]
   opt_state = jax.eval_shape(optimizer.init, params)
   return TrainState(params=params, opt_state=opt_state,
                     step=jax.ShapeDtypeStruct((), jnp.int32))
@@ -104,7 +104,7 @@ def _sum_loss_and_grads(apply, params, batch, rng, z_loss):
   microbatches divided by the total weight equal the full-batch mean."""
   def summed(p):
     logits = apply(p, batch, rng)
-    _, aux = model.lm_loss(logits, batch["decoder_target_tokens"],
+    _, aux = gpt.lm_loss(logits, batch["decoder_target_tokens"],
                            batch["decoder_loss_weights"], z_loss)
     z_sum = aux["z_loss"] * jnp.maximum(aux["weight_sum"], 1.0)
     return aux["nll_sum"] + z_loss * z_sum, (aux["nll_sum"], aux["weight_sum"], z_sum)
@@ -167,7 +167,7 @@ def make_eval_step(model_config, partitioner, params_shardings):
 
   def eval_fn(params, batch):
     logits = apply(params, batch, None)
-    _, aux = model.lm_loss(logits, batch["decoder_target_tokens"],
+    _, aux = gpt.lm_loss(logits, batch["decoder_target_tokens"],
                            batch["decoder_loss_weights"])
     return aux["nll_sum"], aux["weight_sum"]
   batch_shardings = {k: partitioner.sharding(BATCH_NAMES) for k in BATCH_FEATURES}

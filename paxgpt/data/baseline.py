@@ -21,8 +21,8 @@ BASELINE_FILE = "baseline.json"
 
 def segments(data_config, split):
   """The token sequences (document pieces) of one split, as the model sees them."""
-  from paxgpt import data
-  rows = data.eval_rows(data_config, split, seqio.ShardInfo(0, 1))
+  from paxgpt.data import loader
+  rows = loader.eval_rows(data_config, split, seqio.ShardInfo(0, 1))
   out = []
   for row in rows.as_numpy_iterator():
     targets, segs, weights = (row["decoder_target_tokens"], row["decoder_segment_ids"],
@@ -102,8 +102,8 @@ class KneserNey:
 
 def ngram_cross_entropy(data_config, order=4):
   """{'order', 'validation_cross_entropy', 'train_tokens', 'validation_tokens'}."""
-  from paxgpt import data
-  vocab_size = data.vocab_size(data_config)
+  from paxgpt.data import loader
+  vocab_size = loader.vocab_size(data_config)
   train = segments(data_config, data_config.train_split)
   validation = segments(data_config, data_config.eval_split)
   model = KneserNey(train, vocab_size, order)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import kernels.masks
-from paxgpt import sharding
+from paxgpt.model import sharding
 
 # Peak dense bf16 FLOP/s and HBM bytes per chip (vendor figures); for the GPUs
 # (SXM parts) also the HBM bandwidth in bytes/s, the decode roofline's figure.

@@ -1,6 +1,6 @@
 """Log-likelihood requests per second: paxgpt against the harness's `hf` backend.
 
-  python -m paxgpt.bench_lm_eval [--workdir=DIR] [--layers=4 --d_model=256 ...]
+  python -m paxgpt.bench.lm_eval [--workdir=DIR] [--layers=4 --d_model=256 ...]
       [--tasks=paxgpt_choice,paxgpt_lastword] [--shots=0,1,2,3] [--batch_size=16]
       [--torch_threads=1,2]
 
@@ -89,11 +89,9 @@ def write_tiny_gpt_neo(directory, *, texts=None, layers=2, d_model=64, heads=4, 
 
 
 def import_hf(hf_dir, model_dir):
-  """`paxgpt import --hf_dir=HF_DIR --model_dir=MODEL_DIR` (float32)."""
-  from paxgpt.cli import main
-  code = main.main(["import", f"--hf_dir={hf_dir}", f"--model_dir={model_dir}"])
-  if code:
-    raise RuntimeError(f"paxgpt import exited with {code}")
+  """What `paxgpt import --hf_dir=HF_DIR --model_dir=MODEL_DIR` does (float32)."""
+  from paxgpt.interop import hf
+  hf.import_hf(hf_dir, model_dir)
   return model_dir
 
 
@@ -141,7 +139,7 @@ def main(argv=None):
   import torch
   from lm_eval.models.huggingface import HFLM
 
-  from paxgpt import lm_eval_model
+  from paxgpt.interop import lm_eval_model
   hf_dir = os.path.join(args.workdir, "hf")
   model_dir = os.path.join(args.workdir, "model")
   if not os.path.isdir(model_dir):

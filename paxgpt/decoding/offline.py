@@ -3,7 +3,7 @@
   paxgpt sample --gin.CHECKPOINT_DIR="'runs/demo'" --prompts=IN.jsonl --output=OUT.jsonl
 
 The model config and vocabulary are the ones MODEL_DIR carries (model.json,
-paxgpt/model_dir.py); a model gin file given as well must match them.
+paxgpt/store/model_dir.py); a model gin file given as well must match them.
 
 Each input line is a JSON object with `prompt` and optional settings:
   n (samples, or best beams), max_tokens, stop (a string or a list, matched on the
@@ -24,9 +24,9 @@ renamed to OUTPUT at the end: a run that dies keeps the lines it finished there
 and says how many.
 
 This module is the sampler's TensorFlow side (the vocabulary comes from
-paxgpt/data.py); paxgpt/sampling.py is JAX only. Prompts are encoded with the
+paxgpt/data/loader.py); paxgpt/decoding/sampling.py is JAX only. Prompts are encoded with the
 training vocabulary and start from EOS, as every
-document does in training (paxgpt/data.py). Sampling requests are split into one row
+document does in training (paxgpt/data/loader.py). Sampling requests are split into one row
 per sample and batched up to `SampleConfig.batch_size` rows; beam-search requests
 batch with others of the same beam size and max_tokens.
 """
@@ -43,8 +43,12 @@ from typing import Any
 import gin
 import jax
 
-from paxgpt import checkpoint, data, model_dir, sampling, sharding
-from paxgpt.config import check_types
+from paxgpt.store import checkpoint
+from paxgpt.data import loader
+from paxgpt.store import model_dir
+from paxgpt.decoding import sampling
+from paxgpt.model import sharding
+from paxgpt.config.checks import check_types
 from paxgpt.errors import ConfigError, UsageError
 from paxgpt.progress import Progress
 
@@ -364,15 +368,15 @@ def _output(result):
 def load_vocabulary(config: SampleConfig, model_vocab_size, model_vocabulary=None):
   """SampleConfig.vocabulary, else the one MODEL_DIR carries, else DataConfig's;
   checked against the model by data's own check."""
-  spec = config.vocabulary or model_vocabulary or data.DataConfig().vocabulary
-  data_config = dataclasses.replace(data.DataConfig(), vocabulary=spec)
+  spec = config.vocabulary or model_vocabulary or loader.DataConfig().vocabulary
+  data_config = dataclasses.replace(loader.DataConfig(), vocabulary=spec)
   try:
-    vocab = data.get_vocabulary(data_config)
+    vocab = loader.get_vocabulary(data_config)
   except ValueError as e:
     raise UsageError(f"vocabulary {data_config.vocabulary!r}: {e}") from e
   try:
-    data.check_model_vocab_size(data_config, model_vocab_size)
-  except data.DataError as e:
+    loader.check_model_vocab_size(data_config, model_vocab_size)
+  except loader.DataError as e:
     raise UsageError(str(e)) from e
   return vocab
 

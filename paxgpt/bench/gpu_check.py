@@ -1,6 +1,6 @@
-"""The GPU figures in one prepared run: `python -m paxgpt.gpu_check [--smoke] [--json PATH]`.
+"""The GPU figures in one prepared run: `python -m paxgpt.bench.gpu_check [--smoke] [--json PATH]`.
 
-  python -m paxgpt.gpu_check [--smoke] [--json PATH] [--budget_s S]
+  python -m paxgpt.bench.gpu_check [--smoke] [--json PATH] [--budget_s S]
       [--sections kernels,attention,train,decode]
 
 (`bash launch/gpu_check.sh` sets up a bare GPU box and calls this.) A driver,
@@ -43,20 +43,17 @@ Invariants:
     shapes, the Pallas GPU kernels in interpret mode, in well under a minute;
     tests/test_gpu_check.py runs it, so the check cannot rot between slots.
 
-Model shapes come from gin/models/*.gin, read without gin (`model_config`:
-only their `GPTConfig.field = literal` lines and `include`s), so the files
-stay the one source of truth.
+Model shapes come from gin/models/*.gin, read without gin
+(paxgpt/config/model_files.py), so the files stay the one source of truth.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import gc
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -67,9 +64,14 @@ import numpy as np
 
 import kernels
 from kernels import bench as kernel_bench
-from paxgpt import accounting, model, optim, sampling, sharding, train_step
+from paxgpt.model import accounting
+from paxgpt.model import gpt
+from paxgpt.training import optim
+from paxgpt.config.model_files import model_config
+from paxgpt.decoding import sampling
+from paxgpt.model import sharding
+from paxgpt.training import train_step
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("kernels", "attention", "train", "decode")
 # Cumulative share of the budget at which each section's time ends.
 DEADLINES = {"kernels": 0.08, "attention": 0.33, "train": 0.75, "decode": 1.0}
@@ -167,38 +169,6 @@ SMOKE = Plan(
     decode_repeats=1,
     budget_s=600.0,
 )
-
-_GIN_BINDING = re.compile(r"^GPTConfig\.(\w+)\s*=\s*(.+?)\s*(#.*)?$")
-_GIN_INCLUDE = re.compile(r"""^include\s+(['"])(.+)\1\s*(#.*)?$""")
-
-
-def _gin_fields(path, fields):
-  """Add the `GPTConfig.field = literal` bindings of a gin file to `fields`, in
-  order, following its `include 'file'` lines (relative to the repository) at
-  their place, so that later bindings win as in gin."""
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      line = line.strip()
-      included = _GIN_INCLUDE.match(line)
-      if included:
-        _gin_fields(os.path.join(REPO_ROOT, included.group(2)), fields)
-      elif line.startswith("GPTConfig."):
-        found = _GIN_BINDING.match(line)
-        try:
-          fields[found.group(1)] = ast.literal_eval(found.group(2))
-        except (AttributeError, ValueError, SyntaxError) as err:
-          raise ValueError(f"{path}:{number}: not a `GPTConfig.field = literal` line: "
-                           f"{line!r}") from err
-  return fields
-
-
-def model_config(name, **overrides):
-  """GPTConfig of gin/models/NAME.gin from its `GPTConfig.field = literal` lines
-  and those of the files it includes (no gin needed; a GPTConfig line that is
-  not a Python literal is an error)."""
-  fields = _gin_fields(os.path.join(REPO_ROOT, "gin", "models", f"{name}.gin"), {})
-  return model.GPTConfig(**{**fields, **overrides})
-
 
 # ---------------------------------------------------------------- bookkeeping
 
@@ -434,9 +404,9 @@ class _Trainer:
     if self.state_of != name:
       self.state = self.state_of = None
       gc.collect()
-      gpt = model.GPT(config)
+      network = gpt.GPT(config)
       tokens = jnp.zeros((1, min(8, config.max_len)), jnp.int32)
-      init = jax.jit(lambda key: nn.unbox(gpt.init(key, tokens))["params"],
+      init = jax.jit(lambda key: nn.unbox(network.init(key, tokens))["params"],
                      out_shardings=shardings.params)
       with self.partitioner.activate():
         params = init(jax.random.key(0))
@@ -495,7 +465,7 @@ def run_train(plan, report, clock):
       report.add(dict(row, status="error", note=_one_line(err)))
       continue
     fitted[(name, remat)] = result["batch"]
-    _, non_embedding = accounting.param_counts(model.abstract_variables(config))
+    _, non_embedding = accounting.param_counts(gpt.abstract_variables(config))
     flops_per_token = accounting.flops_per_token(config, non_embedding, seq_len)
     tokens_per_s = result["batch"] * seq_len / result["step_s"]
     if scan_layers:
@@ -584,7 +554,7 @@ def run_decode(plan, report, clock):
         continue
       try:
         # Imported here: a break in the decode bench costs this section's rows only.
-        from paxgpt import bench_decode
+        from paxgpt.bench import decode as bench_decode
         if name not in decoders:
           params = sampling.init_params(config, partitioner)
           decoders[name] = sampling.Decoder(config, params, partitioner, eos_id=None)

@@ -12,10 +12,10 @@ sampler decodes with). `stack_layers` / `unstack_layers` convert a parameter or
 cache tree between the two layouts exactly; checkpoints hold the layout of the
 config that wrote them.
 
-Every parameter carries logical axis names (see paxgpt/sharding.py) and every
+Every parameter carries logical axis names (see paxgpt/model/sharding.py) and every
 activation at a layer boundary is constrained by name.
 
-Decoding (paxgpt/sampling.py) adds a 'cache' variable collection of keys and
+Decoding (paxgpt/decoding/sampling.py) adds a 'cache' variable collection of keys and
 values: `decode="prefill"` runs the prompt through the same attention kernels
 as training and fills the cache, `decode="step"` feeds one token per row and
 attends over the cache. Dense layers keep `cache_length` positions; banded
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from paxgpt import sharding
-from paxgpt.config import check_types
+from paxgpt.model import sharding
+from paxgpt.config.checks import check_types
 from paxgpt.errors import ConfigError
 
 ATTENTION_KINDS = ("dense", "banded")
@@ -85,7 +85,7 @@ class GPTConfig:
   layer_norm_epsilon: float = 1e-5
   init_std: float = 0.02
   scan_layers: bool = True  # nn.scan over periods; False unrolls them (see the docstring)
-  # Imported models (paxgpt/hf.py) need these to be exact: GPT-Neo does not
+  # Imported models (paxgpt/interop/hf.py) need these to be exact: GPT-Neo does not
   # scale q.k (attention_scale=1.0; None: 1/sqrt(head_dim)) and has no q/k/v
   # biases; `masked_ids` are ids with no trained embedding row (the padding id 0
   # of an imported vocabulary), whose logits are PADDING_LOGIT like the padded rows.

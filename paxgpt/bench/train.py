@@ -1,10 +1,10 @@
 """The train step's time with the layer periods scanned (nn.scan) against
 unrolled, with the compile time of each, as a table (a benchmark, not a test).
 
-  python -m paxgpt.bench_train [--shapes=demo,gpt3_small] [--batch=8] [--seq=128]
+  python -m paxgpt.bench.train [--shapes=demo,gpt3_small] [--batch=8] [--seq=128]
 
 Shapes: `demo` (gin/experiments/demo.gin's model), or a gin/models file name.
-Both variants run the same step (paxgpt/train_step.py, the GPT-3 optimizer,
+Both variants run the same step (paxgpt/training/train_step.py, the GPT-3 optimizer,
 float32, one device) on the same synthetic batch; the losses agree.
 """
 from __future__ import annotations
@@ -17,15 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxgpt import gpu_check, model, optim, sampling, sharding, train_step
+from paxgpt.config.model_files import model_config
+from paxgpt.model import gpt
+from paxgpt.training import optim
+from paxgpt.decoding import sampling
+from paxgpt.model import sharding
+from paxgpt.training import train_step
 
 DEMO = dict(vocab_size=259, num_layers=4, d_model=128, num_heads=4, head_dim=32, max_len=128,
             window=64, dropout_rate=0.05)
 
 
 def config_of(shape):
-  fields = DEMO if shape == "demo" else dataclasses.asdict(gpu_check.model_config(shape))
-  return model.GPTConfig(**{**fields, "dtype": "float32"})
+  fields = DEMO if shape == "demo" else dataclasses.asdict(model_config(shape))
+  return gpt.GPTConfig(**{**fields, "dtype": "float32"})
 
 
 def time_step(config, batch, seq, steps):

@@ -27,7 +27,13 @@ import gin
 import jax
 import numpy as np
 
-from paxgpt import accounting, info, model, optim, sharding, train_step, trainer
+from paxgpt.model import accounting
+from paxgpt.model import info
+from paxgpt.model import gpt
+from paxgpt.training import optim
+from paxgpt.model import sharding
+from paxgpt.training import train_step
+from paxgpt.training import trainer
 from paxgpt.errors import UsageError
 
 DEFAULT_MFU = 0.4
@@ -195,7 +201,7 @@ def plan_figures(compiled, params, opt_state, config, devices, axis_sizes, batch
   param_bytes, opt_bytes = bytes_on_one_device(params), bytes_on_one_device(opt_state)
   total = argument + output - alias + temp  # donated state is updated in place
 
-  variables = model.abstract_variables(config)
+  variables = gpt.abstract_variables(config)
   params_total, non_embedding = accounting.param_counts(variables)
   flops_per_token = accounting.flops_per_token(config, non_embedding, seq_len)
   flops_per_step = flops_per_token * batch_size * seq_len
@@ -244,7 +250,7 @@ def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REM
   """The figures of `paxgpt plan` for gin's GPTConfig (see the module docstring)."""
   if not 0 < mfu <= 1:
     raise UsageError(f"--mfu={mfu}: expected a fraction in (0, 1]")
-  config = model.GPTConfig()
+  config = gpt.GPTConfig()
   if topology:
     chip, dims = parse_topology(chip, topology)
     devices = topology_devices(chip, dims)

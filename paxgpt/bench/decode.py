@@ -1,10 +1,10 @@
 """Decode throughput: tokens per second of the KV-cached sampler per batch size.
 
-  python -m paxgpt.bench_decode [--gin_file=FILE (default gin/experiments/demo.gin)]
+  python -m paxgpt.bench.decode [--gin_file=FILE (default gin/experiments/demo.gin)]
       [--gin.NAME=VALUE]
       [--batch_sizes=1,8,32] [--prompt_len=32] [--new_tokens=64] [--mesh=data:1,fsdp:-1]
       [--checkpoint_dir=DIR] [--scan_layers] [--repeats=3]
-  python -m paxgpt.bench_decode --vs_hf [--batch_sizes=1,8,32] [--prompt_len=64]
+  python -m paxgpt.bench.decode --vs_hf [--batch_sizes=1,8,32] [--prompt_len=64]
       [--new_tokens=128] [--hf_threads=N]
 
 Random weights unless --checkpoint_dir is given (a training MODEL_DIR). Greedy
@@ -34,10 +34,12 @@ import time
 import jax
 import numpy as np
 
-from paxgpt.cli import main as cli
-from paxgpt import hf as hf_lib
-from paxgpt import model, sampling, sharding
-from paxgpt.errors import UsageError
+from paxgpt.config import gin_flags
+from paxgpt.interop import hf as hf_lib
+from paxgpt.model import gpt
+from paxgpt.decoding import sampling
+from paxgpt.model import sharding
+from paxgpt.errors import UsageError, one_line
 
 DEFAULT_GIN = "gin/experiments/demo.gin"
 
@@ -49,7 +51,7 @@ def random_prompts(batch, prompt_len, vocab_size, seed=0):
 
 def measure(decoder, batch, prompt_len, new_tokens, vocab_size, repeats=2, seed=0):
   """(prefill s, decode s) of greedy decoding for a batch of random prompts, best
-  of `repeats` after a compiling call (what paxgpt/gpu_check.py times)."""
+  of `repeats` after a compiling call (what paxgpt/bench/gpu_check.py times)."""
   prompts = random_prompts(batch, prompt_len, vocab_size, seed)
   _, prefill_s, decode_s, _ = time_batch(decoder, prompts, new_tokens, repeats)
   return prefill_s, decode_s
@@ -100,7 +102,7 @@ def hf_neo(seed=0):
 
 
 def paxgpt_from_hf(hf_model, partitioner):
-  """(GPTConfig, params) of a transformers model through paxgpt/hf.py's own
+  """(GPTConfig, params) of a transformers model through paxgpt/interop/hf.py's own
   tables, as `paxgpt import` maps it (ids shifted by hf.SHIFT)."""
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp)
@@ -154,7 +156,7 @@ def vs_hf(args, partitioner):
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
-  files, bindings, rest = cli.split_gin_flags(argv)
+  files, bindings, rest = gin_flags.split_gin_flags(argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch_sizes", default="1,8,32")
   parser.add_argument("--prompt_len", type=int, default=None)
@@ -175,15 +177,15 @@ def main(argv=None):
   if args.vs_hf:
     vs_hf(args, sharding.Partitioner(sharding.mesh_from_flag(args.mesh)))
     return 0
-  cli.register_configurables()
+  gin_flags.register_configurables()
   # Experiment files require MODEL_DIR (for training); the benchmark trains nothing.
-  cli.parse_gin(files or [DEFAULT_GIN], [f"MODEL_DIR = {args.checkpoint_dir!r}"] + bindings)
-  config = model.GPTConfig()
+  gin_flags.parse_gin(files or [DEFAULT_GIN], [f"MODEL_DIR = {args.checkpoint_dir!r}"] + bindings)
+  config = gpt.GPTConfig()
   partitioner = sharding.Partitioner(sharding.mesh_from_flag(args.mesh))
   if args.checkpoint_dir:
-    from paxgpt import checkpoint
+    from paxgpt.store import checkpoint
     params = checkpoint.restore_params(
-        args.checkpoint_dir, partitioner.abstract(model.abstract_variables(config)["params"]))
+        args.checkpoint_dir, partitioner.abstract(gpt.abstract_variables(config)["params"]))
     weights = args.checkpoint_dir
   else:
     params = sampling.init_params(config, partitioner)
@@ -209,5 +211,5 @@ if __name__ == "__main__":
   try:
     sys.exit(main())
   except UsageError as e:
-    print(f"paxgpt: error: {cli.one_line(e)}", file=sys.stderr)
+    print(f"paxgpt: error: {one_line(e)}", file=sys.stderr)
     sys.exit(2)

@@ -2,7 +2,7 @@
 
 Pure functions of (model, params, arrays) in the style of t5x's decoding.py;
 JAX only (no TF/seqio), so they run on an accelerator box. The host side (JSONL,
-vocabularies, checkpoints) is paxgpt/sampling_cli.py; `Decoder` below jits these
+vocabularies, checkpoints) is paxgpt/decoding/offline.py; `Decoder` below jits these
 functions for a mesh and is the API callers use: `sample`, `beam`, and for
 benchmarks the two halves of `sample`, `prefill` and `decode`.
 
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from paxgpt import model as gpt_model
+from paxgpt.model import gpt as gpt_model
 
 PAD_ID = 0
 NEG_INF = -1e30  # finite, so a fully masked row stays NaN-free

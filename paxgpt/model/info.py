@@ -3,12 +3,14 @@ the figures `paxgpt info` prints."""
 from __future__ import annotations
 
 
-from paxgpt import accounting, model, sharding
+from paxgpt.model import accounting
+from paxgpt.model import gpt
+from paxgpt.model import sharding
 
 
 def describe(config, axis_sizes, seq_len=None):
   """The figures `paxgpt info` prints, as a dict (all from abstract shapes)."""
-  variables = model.abstract_variables(config)
+  variables = gpt.abstract_variables(config)
   total, non_embedding = accounting.param_counts(variables)
   per_device, replicated = accounting.bytes_per_device(variables, axis_sizes)
   seq_len = seq_len or config.max_len

@@ -2,7 +2,7 @@
 
   MODEL_DIR/model.json   {"format": 1, "model": {GPTConfig fields}, "vocabulary": spec}
   MODEL_DIR/config.gin   the gin config the run started with, for the record
-  MODEL_DIR/checkpoints/ Orbax (paxgpt/checkpoint.py)
+  MODEL_DIR/checkpoints/ Orbax (paxgpt/store/checkpoint.py)
 
   write(model_dir, model_config, vocabulary_spec, gin_config=None)
   read(model_dir) -> (GPTConfig, vocabulary spec) or None
@@ -25,7 +25,7 @@ import json
 import gin
 from etils import epath
 
-from paxgpt import model
+from paxgpt.model import gpt
 from paxgpt.errors import UsageError
 
 MODEL_JSON = "model.json"
@@ -65,14 +65,14 @@ def _load_spec(model_dir: epath.Path, spec: str) -> str:
   return f"{kind}:{model_dir / location}"
 
 
-def config_dict(config: model.GPTConfig) -> dict:
+def config_dict(config: gpt.GPTConfig) -> dict:
   out = dataclasses.asdict(config)
   out["attention_pattern"] = list(config.attention_pattern)
   out["masked_ids"] = list(config.masked_ids)
   return out
 
 
-def write(model_dir, model_config: model.GPTConfig, vocabulary_spec: str | None,
+def write(model_dir, model_config: gpt.GPTConfig, vocabulary_spec: str | None,
           gin_config: str | None = None):
   """Write model.json (and config.gin when given) into MODEL_DIR (created)."""
   directory = _path(model_dir)
@@ -97,11 +97,11 @@ def read(model_dir):
   try:
     obj = json.loads(path.read_text())
     fields = obj["model"]
-    known = {f.name for f in dataclasses.fields(model.GPTConfig)}
+    known = {f.name for f in dataclasses.fields(gpt.GPTConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
       raise UsageError(f"{path}: unknown model fields {unknown} (written by a newer paxgpt?)")
-    config = model.GPTConfig(**{**fields, "attention_pattern": tuple(fields["attention_pattern"]),
+    config = gpt.GPTConfig(**{**fields, "attention_pattern": tuple(fields["attention_pattern"]),
                                 "masked_ids": tuple(fields.get("masked_ids", ()))})
   except (ValueError, KeyError, TypeError) as e:
     if isinstance(e, UsageError):
@@ -111,7 +111,7 @@ def read(model_dir):
   return config, None if spec is None else _load_spec(directory, spec)
 
 
-def differences(expected: model.GPTConfig, found: model.GPTConfig, fields=SHAPE_FIELDS):
+def differences(expected: gpt.GPTConfig, found: gpt.GPTConfig, fields=SHAPE_FIELDS):
   """['name=A (checkpoint: B)', ...] for the fields where the configs disagree."""
   return [f"{name}={getattr(expected, name)!r} (checkpoint: {getattr(found, name)!r})"
           for name in fields if getattr(expected, name) != getattr(found, name)]
@@ -142,7 +142,7 @@ def gin_binds_model() -> bool:
   return bool(gin_bindings(SHAPE_FIELDS))
 
 
-def check_matches(model_dir, model_config: model.GPTConfig):
+def check_matches(model_dir, model_config: gpt.GPTConfig):
   """UsageError naming the fields where `model_config` disagrees with MODEL_DIR's
   model.json (nothing when there is none)."""
   stored = read(model_dir)
@@ -154,17 +154,17 @@ def check_matches(model_dir, model_config: model.GPTConfig):
                      f"({MODEL_JSON}): {', '.join(diff)}")
 
 
-def resolve(model_dir, model_config: model.GPTConfig | None = None):
+def resolve(model_dir, model_config: gpt.GPTConfig | None = None):
   """(GPTConfig, vocabulary spec or None) for a command on MODEL_DIR's checkpoints:
   model.json's config when gin binds no model (its run-time fields, such as
   dtype, still taken from gin where bound), else gin's, checked against model.json.
   `model_config` stands for gin's when given."""
   stored = read(model_dir)
   if model_config is None and stored is not None and not gin_binds_model():
-    run_fields = [f.name for f in dataclasses.fields(model.GPTConfig)
+    run_fields = [f.name for f in dataclasses.fields(gpt.GPTConfig)
                   if f.name not in SHAPE_FIELDS]
     return dataclasses.replace(stored[0], **gin_bindings(run_fields)), stored[1]
-  model_config = model_config or model.GPTConfig()
+  model_config = model_config or gpt.GPTConfig()
   if stored is not None:
     check_matches(model_dir, model_config)
   return model_config, None if stored is None else stored[1]

@@ -1,10 +1,10 @@
 """The training loop: data, checkpoints, metrics and the stopping rules around
-the step of paxgpt/train_step.py; and `evaluate`, a checkpoint's validation loss.
+the step of paxgpt/training/train_step.py; and `evaluate`, a checkpoint's validation loss.
 
   train(model_dir)            # gin-configured; resumes from MODEL_DIR's checkpoints
   evaluate(model_dir, step=N) # {"step", "validation_loss", ...}
 
-The loop needs the data side (TensorFlow, SeqIO: paxgpt/data.py); the step it
+The loop needs the data side (TensorFlow, SeqIO: paxgpt/data/loader.py); the step it
 runs does not.
 """
 from __future__ import annotations
@@ -20,14 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxgpt import accounting, checkpoint, model, model_dir as model_dir_lib, optim, run_lock
-from paxgpt import sharding
-from paxgpt import data as data_lib
-from paxgpt.config import check_types
+from paxgpt.model import accounting
+from paxgpt.store import checkpoint
+from paxgpt.model import gpt
+from paxgpt.store import model_dir as model_dir_lib
+from paxgpt.training import optim
+from paxgpt.store import run_lock
+from paxgpt.model import sharding
+from paxgpt.data import loader as data_lib
+from paxgpt.config.checks import check_types
 from paxgpt.errors import ConfigError, RunDirBusyError, UsageError
-from paxgpt.metrics import MetricsWriter
+from paxgpt.training.metrics import MetricsWriter
 from paxgpt.progress import progress
-from paxgpt.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
+from paxgpt.training.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
                                evaluate_params, make_eval_step, make_train_step)
 
 
@@ -53,7 +58,7 @@ class TrainConfig:
     run (fresh optimizer and step) when this run has no checkpoint yet.
   time_limit_s: wall-clock budget from the start of `train` (None: none); when
     spent, the run evaluates, saves and stops as at its last step.
-  report_baseline: fit the byte 4-gram baseline (paxgpt/baseline.py) and log
+  report_baseline: fit the byte 4-gram baseline (paxgpt/data/baseline.py) and log
     its validation cross-entropy next to the model's.
   jax_smi: track device memory with jax-smi.
   fewshot_tasks: lm-evaluation-harness tasks scored every `fewshot_every` steps
@@ -190,14 +195,14 @@ class _Run:
     self.eval_step = make_eval_step(model_config, partitioner, self.shardings.params)
     self.checkpointer = checkpoint.Checkpointer(self.model_dir, ckpt_config)
     self.data = data_lib.TrainIterator(self.data_config, partitioner)
-    _, non_embedding = accounting.param_counts(model.abstract_variables(model_config))
+    _, non_embedding = accounting.param_counts(gpt.abstract_variables(model_config))
     self.flops_per_token = accounting.flops_per_token(model_config, non_embedding,
                                                       self.data_config.sequence_length)
     self.chip = accounting.chip_of(jax.devices()[0])
     self.is_chief = jax.process_index() == 0
     self._fewshot_lm = None
     if train_config.fewshot_tasks:  # a typo fails now, not after hours of training
-      from paxgpt import lm_eval_model
+      from paxgpt.interop import lm_eval_model
       lm_eval_model.check_tasks(lm_eval_model.tasks_manager_for(
           train_config.fewshot_tasks, train_config.fewshot_include_path),
           train_config.fewshot_tasks, train_config.fewshot_include_path)
@@ -232,9 +237,9 @@ class _Run:
       params = checkpoint.restore_params(self.cfg.init_from, abstract.params,
                                          self.cfg.init_step, "TrainConfig.init_step")
     else:
-      gpt = model.GPT(self.model_config)
+      network = gpt.GPT(self.model_config)
       tokens = jnp.zeros((1, min(8, self.model_config.max_len)), jnp.int32)
-      init = jax.jit(lambda key: nn.unbox(gpt.init(key, tokens))["params"],
+      init = jax.jit(lambda key: nn.unbox(network.init(key, tokens))["params"],
                      out_shardings=self.shardings.params)
       with self.partitioner.activate():
         params = init(jax.random.key(self.cfg.seed))
@@ -247,8 +252,8 @@ class _Run:
 
   def fewshot(self, params):
     """{'fewshot/TASK/METRIC': value}: the harness's scores of `params`
-    (paxgpt/lm_eval_model.py), one adapter kept so programs compile once."""
-    from paxgpt import lm_eval_model
+    (paxgpt/interop/lm_eval_model.py), one adapter kept so programs compile once."""
+    from paxgpt.interop import lm_eval_model
     if self._fewshot_lm is None:
       self._fewshot_lm = lm_eval_model.PaxGPTLM.from_params(
           self.model_config, params, data_lib.get_vocabulary(self.data_config),
@@ -279,7 +284,7 @@ def _model_config(model_dir, train_config, model_config):
   if model_config is None:
     source = model_dir if model_dir_lib.read(model_dir) else train_config.init_from
     model_config = (model_dir_lib.resolve(source)[0] if source
-                    else model.GPTConfig())
+                    else gpt.GPTConfig())
   for source in (model_dir, train_config.init_from):
     if source:
       model_dir_lib.check_matches(source, model_config)
@@ -306,7 +311,7 @@ def train(model_dir=gin.REQUIRED, *, mesh=None, on_step=None, model_config=None,
 
 
 def _lock_model_dir(model_dir):
-  """Process 0 takes MODEL_DIR's lock (paxgpt/run_lock.py); every process learns
+  """Process 0 takes MODEL_DIR's lock (paxgpt/store/run_lock.py); every process learns
   the outcome, so all of a refused multi-host run stop."""
   lock, refused = None, None
   if jax.process_index() == 0:
@@ -360,7 +365,7 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
     writer.resumed(step)
   baseline = None
   if cfg.report_baseline and run.is_chief:
-    from paxgpt.baseline import BackgroundBaseline
+    from paxgpt.data.baseline import BackgroundBaseline
     baseline = BackgroundBaseline(run.data_config, run.model_dir)
   devices = jax.device_count()
   summary = {"step": step, "loss": None, "validation_loss": validation_loss,
@@ -453,7 +458,7 @@ def evaluate(model_dir=gin.REQUIRED, *, mesh=None, step=None, model_config=None,
     step = checkpoint.resolve_step(checkpointer, model_dir, step)
   finally:
     checkpointer.close()
-  boxed = model.abstract_variables(model_config)["params"]
+  boxed = gpt.abstract_variables(model_config)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
   eval_step = make_eval_step(model_config, partitioner, partitioner.tree_shardings(boxed))
   batches = progress(data_lib.eval_batches(data_config, partitioner), "eval",

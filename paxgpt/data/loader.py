@@ -55,8 +55,8 @@ import seqio
 import tensorflow as tf
 
 import tasks
-from paxgpt.config import check_types
-from paxgpt.sharding import Partitioner
+from paxgpt.config.checks import check_types
+from paxgpt.model.sharding import Partitioner
 
 FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
@@ -345,6 +345,11 @@ class HostBatches:
 
 def _this_process() -> seqio.ShardInfo:
   return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+
+
+def whole_split() -> seqio.ShardInfo:
+  """The shard that is the whole split (one reader)."""
+  return seqio.ShardInfo(index=0, num_shards=1)
 
 
 def _rows_per_process(config: DataConfig, partitioner: Partitioner) -> int:

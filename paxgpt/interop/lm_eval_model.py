@@ -6,7 +6,7 @@
   print(results_table(results))
 
 Importing this module registers the class with the harness as `paxgpt`; `python -m
-paxgpt.lm_eval_model ARGS` is the harness's own `lm_eval` command line with it
+paxgpt.interop.lm_eval_model ARGS` is the harness's own `lm_eval` command line with it
 registered (lm-eval 0.4.13 scans no entry points for models), so
 `--model paxgpt --model_args model_dir=DIR[,step=N]` resolves.
 
@@ -46,7 +46,11 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
-from paxgpt import checkpoint, model, sampling, sharding, train_step
+from paxgpt.store import checkpoint
+from paxgpt.model import gpt
+from paxgpt.decoding import sampling
+from paxgpt.model import sharding
+from paxgpt.training import train_step
 from paxgpt.errors import UsageError
 
 DEFAULT_SEED = 1234
@@ -83,7 +87,7 @@ def load_model_dir(model_dir, step=None, partitioner=None, dtype=None):
   (model.json; gin's where gin binds the model, checked against it). dtype
   overrides the compute dtype."""
   import tasks
-  from paxgpt import model_dir as model_dir_lib
+  from paxgpt.store import model_dir as model_dir_lib
   model_dir = os.fspath(model_dir)
   if not os.path.isdir(checkpoint.checkpoint_dir(model_dir)):
     raise UsageError(f"MODEL_DIR={model_dir!r} has no checkpoints (no "
@@ -95,7 +99,7 @@ def load_model_dir(model_dir, step=None, partitioner=None, dtype=None):
   if dtype:
     config = dataclasses.replace(config, dtype=str(dtype))
   vocab = tasks.get_vocabulary(vocab_spec)
-  boxed = model.abstract_variables(config)["params"]
+  boxed = gpt.abstract_variables(config)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
   return config, params, vocab
 
@@ -141,7 +145,7 @@ class PaxGPTLM(TemplateLM):
     self.seed = int(seed)
     self.length_bucket = _positive_int("length_bucket", length_bucket)
     self.stop_check_every = _positive_int("stop_check_every", stop_check_every)
-    boxed = model.abstract_variables(config)["params"]
+    boxed = gpt.abstract_variables(config)["params"]
     self._score = train_step.make_score_step(config, partitioner,
                                              partitioner.tree_shardings(boxed))
     self._decoder = sampling.Decoder(config, params, partitioner, vocab.eos_id)
@@ -346,7 +350,7 @@ def _register():
   imported or run as __main__ (a class registered twice under one name is an
   error). lm_eval.models is imported first because the harness imports its stock
   models only while the registry is empty."""
-  target = "paxgpt.lm_eval_model:PaxGPTLM"
+  target = "paxgpt.interop.lm_eval_model:PaxGPTLM"
   if "paxgpt" not in model_registry:
     model_registry.register("paxgpt", target=target)
 

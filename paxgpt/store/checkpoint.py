@@ -4,7 +4,7 @@ Layout of MODEL_DIR/checkpoints/<step>/ (an Orbax CheckpointManager):
   params     the model parameters (float32), one item so that the sampler and
              fine-tuning restore them alone
   opt_state  the optax state
-  data       the data iterator's position (paxgpt/data.py `TrainIterator.state()`)
+  data       the data iterator's position (paxgpt/data/loader.py `TrainIterator.state()`)
   meta       {"step": ..., "validation_loss": ...}
 
 Saves are asynchronous; a save that was interrupted leaves only Orbax's
@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from paxgpt.config import check_types
+from paxgpt.config.checks import check_types
 from paxgpt.errors import CheckpointError, ConfigError, RunError, UsageError
 
 CHECKPOINT_SUBDIR = "checkpoints"

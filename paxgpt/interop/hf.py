@@ -45,7 +45,10 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from paxgpt import checkpoint, model, model_dir as model_dir_lib, sharding
+from paxgpt.store import checkpoint
+from paxgpt.model import gpt
+from paxgpt.store import model_dir as model_dir_lib
+from paxgpt.model import sharding
 from paxgpt.errors import UsageError
 
 SHIFT = 1  # paxgpt id = Hugging Face id + SHIFT (id 0 is padding)
@@ -386,7 +389,7 @@ def config_from_hf(config: dict):
   return model_type, kwargs
 
 
-def config_to_hf(cfg: model.GPTConfig, eos_id=None):
+def config_to_hf(cfg: gpt.GPTConfig, eos_id=None):
   """(model_type, config.json dict): GPT-2 for an all-dense model, else GPT-Neo.
   eos_id: paxgpt's EOS id (None: the last Hugging Face id)."""
   if cfg.head_dim * cfg.num_heads != cfg.d_model:
@@ -473,7 +476,7 @@ def hf_tensor_specs(model_type, cfg):
   to the model's abstract parameters: the shapes have one source, the table."""
   import flax.linen as nn
   import jax
-  abstract = nn.unbox(model.abstract_variables(cfg)["params"])
+  abstract = nn.unbox(gpt.abstract_variables(cfg)["params"])
   out = []
   for entry in _entries(model_type, cfg):
     layers = _layers(entry, cfg)
@@ -540,7 +543,7 @@ def _copy_vocabulary(hf_dir, target):
 
 def _gin_text(cfg, source):
   lines = [f"# paxgpt import of {source}: the model's GPTConfig (also in model.json)."]
-  for field in dataclasses.fields(model.GPTConfig):
+  for field in dataclasses.fields(gpt.GPTConfig):
     lines.append(f"GPTConfig.{field.name} = {getattr(cfg, field.name)!r}")
   return "\n".join(lines) + "\n"
 
@@ -551,7 +554,7 @@ def read_hf(hf_dir, dtype="float32"):
   hf_config = _read_hf_config(hf_dir)
   model_type, kwargs = config_from_hf(hf_config)
   try:
-    cfg = model.GPTConfig(**kwargs, dtype=dtype)
+    cfg = gpt.GPTConfig(**kwargs, dtype=dtype)
   except (ValueError, TypeError) as e:
     raise UsageError(f"config.json: {e}") from None
   weights = Weights(hf_dir)
@@ -600,7 +603,7 @@ def stream_params(weights, model_type, cfg, partitioner):
   """The params tree, each leaf built on the host from its HF tensors and put
   into its target sharding before the next entry is read."""
   import jax
-  boxed = model.abstract_variables(cfg)["params"]
+  boxed = gpt.abstract_variables(cfg)["params"]
   abstract = partitioner.abstract(boxed)
   params, nbytes = {}, 0
   for entry in _entries(model_type, cfg):
@@ -666,7 +669,7 @@ def restore(model_dir, step=None, mesh=None):
   """(GPTConfig, vocabulary spec or None, params) of a MODEL_DIR checkpoint."""
   cfg, spec = model_dir_lib.resolve(model_dir)
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-  boxed = model.abstract_variables(cfg)["params"]
+  boxed = gpt.abstract_variables(cfg)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
   return cfg, spec, params
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from paxgpt.config import check_types
+from paxgpt.config.checks import check_types
 from paxgpt.errors import ConfigError
 
 

@@ -1,0 +1,2 @@
+"""Decoding: the KV-cache sampler (`sampling`) and the offline JSONL driver
+(`offline`)."""
