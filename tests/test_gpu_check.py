@@ -183,9 +183,27 @@ def test_rows_past_the_budget_are_listed_as_skipped(tmp_path):
     rows = json.load(f)["rows"]
   plan = gpu_check.SMOKE
   assert len(rows) == (len(plan.kernel_cases) + 2 * 3 * len(plan.attention["seqs"])
-                       * len(plan.attention["head_dims"]) + len(plan.train_rows)
+                       * len(plan.attention["head_dims"])
+                       + len(plan.tune_shapes) * len(plan.tune_candidates)
+                       + len(plan.train_rows)
                        + len(plan.decode_models) * len(plan.decode_batches))
   assert {r["status"] for r in rows} == {"skipped"}
+
+
+def test_the_selected_sections_share_the_whole_budget():
+  clock = gpu_check.Clock(100.0, ("kernels", "decode"))
+  share = gpu_check.SHARES["kernels"] / (gpu_check.SHARES["kernels"]
+                                         + gpu_check.SHARES["decode"])
+  assert clock.deadlines == pytest.approx({"kernels": 100 * share, "decode": 100.0})
+  assert gpu_check.Clock(10.0).deadlines["decode"] == pytest.approx(10.0)
+
+
+def test_tile_candidates_are_checked_for_correctness_too():
+  # Whichever tile setting wins the timing, the kernel checks ran it compiled.
+  checked = [case[-1] for case in gpu_check.FULL.kernel_cases]
+  for options in gpu_check.FULL.tune_candidates.values():
+    blocks = {k: v for k, v in options.items() if k.startswith("block")}
+    assert not blocks or any(blocks.items() <= c.items() for c in checked), options
 
 
 def _triton_calls(lowered):

@@ -15,6 +15,10 @@ its figure.
              TFLOP/s inside the mask for Pallas GPU, cuDNN and XLA (the pure-JAX
              reference), with ratios to cuDNN from the same run
              (kernels.bench.measure).
+  tune       the Pallas GPU kernel's tile settings (block sizes forward and
+             backward, warps, pipeline stages) at 4k tokens, dense and banded,
+             head dims 128 and 64: forward and forward+backward time of each
+             candidate against cuDNN, the default first (kernels.bench.measure).
   train      the real train step (paxgpt.train_step.make_train_step, GPT-3
              optimizer) for gpt3_small/medium/xl at seq 2048 on synthetic
              batches, per attention backend and remat policy, at the largest
@@ -35,7 +39,7 @@ Invariants:
   - The JSON file is rewritten after every row, so a slot cut short still
     leaves every figure measured so far.
   - Time: the sections share --budget_s (default 400 s, counted from main()'s
-    start) with deadlines at 8% / 33% / 75% / 100% of it; a section that
+    start), split among the selected sections by SHARES; a section that
     finishes early leaves its time to the next ones. A row starts only while
     its section has time left, so one row (a large compile) can overrun by its
     own length.
@@ -72,9 +76,11 @@ from paxgpt.decoding import sampling
 from paxgpt.model import sharding
 from paxgpt.training import train_step
 
-SECTIONS = ("kernels", "attention", "train", "decode")
-# Cumulative share of the budget at which each section's time ends.
-DEADLINES = {"kernels": 0.08, "attention": 0.33, "train": 0.75, "decode": 1.0}
+SECTIONS = ("kernels", "attention", "tune", "train", "decode")
+# Each section's share of the budget; the sections a run selects split the whole
+# budget in these proportions (a section that ends early leaves its time to the
+# next ones).
+SHARES = {"kernels": 0.12, "attention": 0.22, "tune": 0.16, "train": 0.35, "decode": 0.15}
 LABELS = {"gpu": "pallas-gpu", "cudnn": "cudnn", "reference": "xla", "tpu": "pallas-tpu"}
 # Tolerances of tests/test_kernels_gpu.py: compiled on a GPU, and interpret mode.
 TOLERANCE = {True: {"float32": 1e-4, "bfloat16": 3e-2},
@@ -90,6 +96,10 @@ class Plan:
   # (dtype, seq_len, head_dim, window, segments, block options)
   kernel_cases: tuple
   attention: dict  # kernels.bench sizes: tokens, seqs, head_dims, width, window; runs
+  # (seq_len, head_dim, window): the shapes each tile candidate is timed at
+  tune_shapes: tuple
+  # {label: kernels.gpu.attention options}; the first is the kernel's default
+  tune_candidates: dict
   train_seq: int
   # (model, attention backend, remat policy[, scan_layers]) in priority order:
   # rows past the section's time are skipped, so the figures that matter most
@@ -117,8 +127,21 @@ FULL = Plan(
         ("bfloat16", 512, 128, None, True, {}),
         ("bfloat16", 512, 80, 160, False, {}),
         ("bfloat16", 512, 128, 256, True, dict(block_q=64, block_k=32)),
+        ("bfloat16", 512, 128, None, True, dict(block_q=128, block_k=64, block_q_bwd=64,
+                                                block_k_bwd=128)),
+        ("bfloat16", 512, 128, 192, False, dict(block_q=128, block_k=128, num_warps=8)),
     ),
     attention=dict(kernel_bench.FULL, runs=5),
+    tune_shapes=((4096, 128, None), (4096, 128, 256), (4096, 64, None)),
+    tune_candidates={
+        "default": {},
+        "q128 k64": dict(block_q=128, block_k=64),
+        "q128 k64 bwd q64 k128": dict(block_q=128, block_k=64, block_q_bwd=64,
+                                      block_k_bwd=128),
+        "q128 k64 bwd q128 k64 s3": dict(block_q=128, block_k=64, num_stages=3),
+        "q128 k128 w8": dict(block_q=128, block_k=128, num_warps=8),
+        "q64 k64 w4 s3": dict(num_warps=4, num_stages=3),
+    },
     train_seq=2048,
     # By priority, grouped by model where that costs nothing (a new model
     # initialises a new state): cuDNN before Pallas of the same model so the
@@ -156,6 +179,8 @@ SMOKE = Plan(
         ("bfloat16", 32, 64, None, False, dict(block_q=16, block_k=16)),
     ),
     attention=dict(tokens=128, seqs=(64,), head_dims=(32,), width=64, window=16, runs=1),
+    tune_shapes=((64, 32, 16),),
+    tune_candidates={"default": {}, "q32 k16": dict(block_q=32, block_k=16)},
     train_seq=32,
     train_rows=(("gpt3_tiny", "cudnn", "none"), ("gpt3_tiny", "gpu", "none"),
                 ("gpt3_tiny", "reference", "full"), ("gpt3_tiny", "reference", "full", False)),
@@ -173,17 +198,22 @@ SMOKE = Plan(
 # ---------------------------------------------------------------- bookkeeping
 
 class Clock:
-  """The run's start and the sections' deadlines, in seconds since it."""
+  """The run's start and the selected sections' deadlines, in seconds since it."""
 
-  def __init__(self, budget_s):
+  def __init__(self, budget_s, sections=SECTIONS):
     self.budget_s = budget_s
     self.start = time.monotonic()
+    total = sum(SHARES[s] for s in sections)
+    self.deadlines, done = {}, 0.0
+    for section in sections:
+      done += SHARES[section] / total
+      self.deadlines[section] = budget_s * done
 
   def elapsed(self):
     return time.monotonic() - self.start
 
   def left(self, section):
-    return self.budget_s * DEADLINES[section] - self.elapsed()
+    return self.deadlines[section] - self.elapsed()
 
 
 def _one_line(err):
@@ -244,7 +274,7 @@ def _result(row):
   if section == "kernels":
     worst = "non-finite" if row["max_error"] is None else f"{row['max_error']:.1e}"
     return f"max err {worst} (tol {row['tolerance']:.0e})"
-  if section == "attention":
+  if section in ("attention", "tune"):
     return (f"fwd {_fmt(row['fwd_ms'], '.3g')} ms {_fmt(row['fwd_tflops'], '.3g')} TF/s; "
             f"f+b {_fmt(row['fwd_bwd_ms'], '.3g')} ms {_fmt(row['fwd_bwd_tflops'], '.3g')} TF/s")
   if section == "train":
@@ -348,6 +378,42 @@ def run_attention(plan, report, clock):
                                          if "fwd+bwd" in cudnn else None))
             report.add(row)
         results.clear()  # drop the forward outputs before the next shape
+
+
+def run_tune(plan, report, clock):
+  interpret = not _on_gpu()
+  present = kernel_bench.available_backends(jax.default_backend(), interpret)
+  memory_limit = kernel_bench.memory_limit_bytes()
+  tokens = plan.attention["tokens"]
+  width = plan.attention["width"]
+  for seq_len, head_dim, window in plan.tune_shapes:
+    batch, heads = max(1, tokens // seq_len), max(1, width // head_dim)
+    shape = (batch, seq_len, heads, head_dim)
+    mask = "dense" if window is None else f"band{window}"
+    flops = kernel_bench.attention_flops(batch, heads, head_dim, seq_len, window)
+    cudnn = {}
+    if "cudnn" in present and clock.left("tune") > 0:
+      cudnn = kernel_bench.measure("cudnn", shape, window, plan.attention["runs"], interpret,
+                                   memory_limit, {})
+      cudnn.pop("out", None)
+    for label, options in plan.tune_candidates.items():
+      row = dict(section="tune", case=f"T{seq_len} D{head_dim} H{heads} {mask} {label}",
+                 backend="gpu", batch=batch, seq_len=seq_len, head_dim=head_dim,
+                 heads=heads, window=window, options=options, dtype="bfloat16")
+      if clock.left("tune") <= 0:
+        _skip(report, row, "skipped: over the section's time")
+        continue
+      res = kernel_bench.measure("gpu", shape, window, plan.attention["runs"], interpret,
+                                 memory_limit, options)
+      if "note" in res:
+        report.add(dict(row, status="error", note=res["note"]))
+        continue
+      report.add(dict(row, status="ok", fwd_ms=res["fwd"], fwd_bwd_ms=res["fwd+bwd"],
+                      fwd_tflops=flops[0] / res["fwd"] / 1e9,
+                      fwd_bwd_tflops=flops[1] / res["fwd+bwd"] / 1e9,
+                      vs_cudnn_fwd=cudnn["fwd"] / res["fwd"] if "fwd" in cudnn else None,
+                      vs_cudnn_fwd_bwd=(cudnn["fwd+bwd"] / res["fwd+bwd"]
+                                        if "fwd+bwd" in cudnn else None)))
 
 
 def _memory(compiled):
@@ -576,8 +642,8 @@ def run_decode(plan, report, clock):
                       roofline_fraction=None if roofline_s is None else roofline_s / step_s))
 
 
-RUNNERS = {"kernels": run_kernels, "attention": run_attention, "train": run_train,
-           "decode": run_decode}
+RUNNERS = {"kernels": run_kernels, "attention": run_attention, "tune": run_tune,
+           "train": run_train, "decode": run_decode}
 
 
 def main(argv=None):
@@ -595,7 +661,7 @@ def main(argv=None):
   if unknown:
     parser.error(f"--sections: unknown {unknown}; choose from {SECTIONS}")
   plan = FULL if _on_gpu() and not args.smoke else SMOKE
-  clock = Clock(plan.budget_s if args.budget_s is None else args.budget_s)
+  clock = Clock(plan.budget_s if args.budget_s is None else args.budget_s, sections)
   device = jax.devices()[0]
   chip = accounting.chip_of(device)
   meta = dict(plan=plan.name, platform=jax.default_backend(), device_kind=device.device_kind,
