@@ -4,7 +4,8 @@ sampler checks its output first and streams it (3) under per-line caps (4), a
 corrupt checkpoint is one line and training resumes from an older one (5), a
 failed save is reported at once (6), bad input is exit 2 and one stderr line
 (7), start-up noise is hidden (9), resumes are marked in metrics.jsonl (10),
-progress bars on a terminal only (11)."""
+progress bars on a terminal only (11); and issue 24's cases, each test named
+after its case (work lost 3 and 4, the traceback bullets, the noise)."""
 import dataclasses
 import errno
 import glob
@@ -548,6 +549,11 @@ def test_traceback_mesh_tensor_8_with_4_heads(trained, hf_model, tmp_path, capsy
                     TENSOR_8), message)
   _one_line(_paxgpt(capsys, "import", f"--hf_dir={hf_model[0]}", f"--model_dir={tmp_path / 'i'}",
                     TENSOR_8), message)
+  prompts = tmp_path.parent / f"{tmp_path.name}_prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n")
+  _one_line(_paxgpt(capsys, "sample", f"--gin.CHECKPOINT_DIR='{trained}'", f"--prompts={prompts}",
+                    f"--output={tmp_path / 'o.jsonl'}", TENSOR_8),  # every restore checks it
+            "the mesh does not fit parameter", "is partitioned 8 times, but the dimension size is 4")
   assert os.listdir(tmp_path) == []
 
 

@@ -14,11 +14,12 @@ one line on stderr, "paxgpt: error: ...", naming the input, and exit code 2.
 Library code raises the errors of `input_errors()`; it never prints or exits.
 Config dataclasses raise ConfigError (paxgpt/config/checks.py), checkpoints
 CheckpointError, a MODEL_DIR owned by another run RunDirBusyError: all
-UsageErrors. A run that fails for a reason outside its input (a full disk:
-paxgpt.errors.RunError) is one line on stderr too, with exit code 1.
+UsageErrors. A run that fails for a reason outside its input (a full disk, a
+NaN loss: paxgpt.errors.RunError) is one line on stderr too, with exit code 1.
 
 Start-up logs of TensorFlow, XLA and absl (CUDA probing on a CPU box, Orbax's
-notes) are hidden unless --verbose is given (any command).
+notes), for every command, and the wind-down tracebacks of a failed Orbax read
+or write are hidden unless --verbose is given (any command).
 """
 from __future__ import annotations
 

@@ -354,6 +354,7 @@ def restore_params_at(directory, abstract_params, step=None, step_flag="--step")
     directory = os.path.dirname(os.path.normpath(directory))
   if not os.path.isdir(checkpoint_dir(directory)):
     raise UsageError(f"no checkpoint in {directory!r} (no {CHECKPOINT_SUBDIR}/ directory)")
+  _check_divides(abstract_params)
   checkpointer = Checkpointer(directory, read_only=True)
   try:
     for _ in range(READ_ATTEMPTS):
@@ -378,6 +379,22 @@ def restore_params_at(directory, abstract_params, step=None, step_flag="--step")
                           f"fast as they are read (raise its CheckpointConfig.keep)")
   finally:
     checkpointer.close()
+
+
+def _check_divides(abstract_params):
+  """A UsageError naming the first parameter whose target sharding does not
+  divide its shape (the mesh does not fit the model), before any read."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      continue
+    try:
+      sharding.shard_shape(tuple(leaf.shape))
+    except ValueError as e:
+      cause = re.sub(r"\s*\(full shape.*$", "", " ".join(str(e).split()))
+      raise UsageError(f"the mesh does not fit parameter {_leaf_name(path)} of shape "
+                       f"{tuple(leaf.shape)}: {cause.split('implies that ', 1)[-1]}; choose "
+                       f"another --mesh") from None
 
 
 def _unrestorable(checkpointer, step, error, abstract_params, step_flag):
