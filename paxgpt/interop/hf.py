@@ -49,7 +49,7 @@ import numpy as np
 
 from paxgpt.store import checkpoint
 from paxgpt.model import gpt
-from paxgpt.model import info
+from paxgpt.model import info as model_info
 from paxgpt.store import model_dir as model_dir_lib
 from paxgpt.store import run_lock
 from paxgpt.model import sharding
@@ -659,7 +659,7 @@ def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
   hf_config, model_type, cfg, weights = read_hf(hf_dir, dtype)
   _check_vocabulary(f"gpt2:{hf_dir}", cfg, hf_config)  # the user's files, named as theirs
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-  info.check_model_on_mesh(cfg, partitioner.axis_sizes)
+  model_info.check_model_on_mesh(cfg, partitioner.axis_sizes)
   with _staged(model_dir, "--model_dir", keep_lock=True) as staging:
     vocab_dir = os.path.join(staging, VOCABULARY_SUBDIR)
     _copy_vocabulary(hf_dir, vocab_dir)
@@ -753,7 +753,7 @@ def restore(model_dir, step=None, mesh=None):
   """(GPTConfig, vocabulary spec or None, params) of a MODEL_DIR checkpoint."""
   cfg, spec = model_dir_lib.resolve(model_dir)
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-  info.check_model_on_mesh(cfg, partitioner.axis_sizes)
+  model_info.check_model_on_mesh(cfg, partitioner.axis_sizes)
   boxed = gpt.abstract_variables(cfg)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
   return cfg, spec, params

@@ -405,13 +405,21 @@ def check_tasks(manager, task_names, include_path=None):
 def check_task_data(manager, task_names):
   """Load each task as the harness will (its dataset included), so a task whose
   data is missing or unreadable fails now, in one line, and not after the work
-  before it (a training run, a checkpoint restore)."""
-  for name in task_names:
-    try:
-      manager.load([name])
-    except Exception as e:  # pylint: disable=broad-except  (the harness's errors vary)
-      cause = " ".join(f"{type(e).__name__}: {e}".split())
-      raise UsageError(f"lm-eval task {name!r} cannot be loaded: {cause}") from None
+  before it (a training run, a checkpoint restore). Quietly: the datasets
+  library's progress bars show when the evaluation itself loads them."""
+  import datasets
+  bars = datasets.is_progress_bar_enabled()
+  datasets.disable_progress_bars()
+  try:
+    for name in task_names:
+      try:
+        manager.load([name])
+      except Exception as e:  # pylint: disable=broad-except  (the harness's errors vary)
+        cause = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UsageError(f"lm-eval task {name!r} cannot be loaded: {cause}") from None
+  finally:
+    if bars:
+      datasets.enable_progress_bars()
 
 
 def check_settings(num_fewshot=None, limit=None, names=("--num_fewshot", "--limit")):

@@ -213,6 +213,7 @@ def staging_dir(out, flag):
     finally:
       lock.release()
   try:
+    os.makedirs(parent, exist_ok=True)
     path = tempfile.mkdtemp(prefix=prefix, dir=parent)
   except OSError as e:
     raise UsageError(f"{flag}={out}: cannot write {parent}: {e.strerror or e}") from None
