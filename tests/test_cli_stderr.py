@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import init_train_state, one_device, tiny, tiny_hf_and_model_dir
 from paxgpt.store import checkpoint
 from paxgpt.store import model_dir as model_dir_lib
@@ -33,6 +35,7 @@ def _paxgpt(*argv):
   return result.returncode, result.stderr.splitlines()
 
 
+@pytest.mark.slow
 def test_import_and_export_start_up_is_quiet(tmp_path):
   hf_dir, _ = tiny_hf_and_model_dir(str(tmp_path / "source"))
   assert _paxgpt("import", f"--hf_dir={hf_dir}", f"--model_dir={tmp_path / 'model'}") == (0, [])
@@ -91,6 +94,7 @@ WIND_DOWN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_flaky_wind_down_cases_print_one_line_each_in_ten_repetitions(tmp_path):
   config = tiny(max_len=32, window=8)
   optimizer, _ = optim.make_optimizer(optim.OptimizerConfig(decay_steps=10))

@@ -511,6 +511,7 @@ def test_work_lost_4_missing_fewshot_data_fails_when_training_starts(tmp_path, c
                                                fewshot_limit=0.0, fewshot_include_path=TASK_DIR))
 
 
+@pytest.mark.slow
 def test_work_lost_4_the_final_checkpoint_survives_a_failing_fewshot(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
 
@@ -634,6 +635,7 @@ def test_traceback_num_steps_beyond_int32(tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_traceback_a_nan_loss_is_one_line_on_stderr(tmp_path, capsys):
   result = _train(capsys, tmp_path / "run", "--gin.PEAK_LEARNING_RATE=1e6")
   _one_line(result, "the loss is nan at step 2 (learning rate", "peak_learning_rate", code=1)
