@@ -6,10 +6,12 @@
                    configs' __post_init__)
     CheckpointError  a checkpoint cannot be used (corrupt, another model's shape,
                    unreadable); the message names the checkpoint directory
-    RunDirBusyError  another live run owns MODEL_DIR; the message names its host
-                   and pid (paxgpt/store/run_lock.py)
+    RunDirBusyError  another live run owns MODEL_DIR (or writes the same import or
+                   export output); the message names its host and pid
+                   (paxgpt/store/run_lock.py)
   RunError         the run failed for a reason outside its input (a full disk
-                   during a save): one line, exit code 1
+                   during a save, a NaN loss: training.trainer.NonFiniteLossError):
+                   one line, exit code 1
 
 Library code raises these and never prints or exits; the message is complete
 without a traceback; `one_line` is how every command prints one.

@@ -113,3 +113,12 @@ def byte_level_bpe(directory, vocab_size=300):
                                               eos_token="<|endoftext|>")
   fast.save_pretrained(str(directory))
   return fast
+
+
+def tiny_hf_and_model_dir(root):
+  """(a random tiny GPT-Neo saved by transformers in ROOT/hf, the MODEL_DIR that
+  `paxgpt import` makes of it in ROOT/model): 2 layers of 64, 4 heads, a 600-id
+  byte-level BPE, a context of 64."""
+  from paxgpt.bench import lm_eval as bench_lm_eval
+  hf_dir = bench_lm_eval.write_tiny_gpt_neo(os.path.join(root, "hf"), max_len=64)
+  return hf_dir, bench_lm_eval.import_hf(hf_dir, os.path.join(root, "model"))

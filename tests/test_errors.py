@@ -4,7 +4,8 @@ sampler checks its output first and streams it (3) under per-line caps (4), a
 corrupt checkpoint is one line and training resumes from an older one (5), a
 failed save is reported at once (6), bad input is exit 2 and one stderr line
 (7), start-up noise is hidden (9), resumes are marked in metrics.jsonl (10),
-progress bars on a terminal only (11)."""
+progress bars on a terminal only (11); and issue 24's cases, each test named
+after its case (work lost 3 and 4, the traceback bullets, the noise)."""
 import dataclasses
 import errno
 import glob
@@ -12,9 +13,12 @@ import io
 import json
 import math
 import os
+import shutil
+import struct
 import subprocess
 import sys
 
+import gin
 import numpy as np
 import pytest
 
@@ -305,6 +309,7 @@ def test_the_wind_down_of_a_failed_save_leaves_no_tracebacks_on_stderr():
   stderr.write("RuntimeError: Event loop is closed\n")
   stderr.write("\r\033[Kstep 3/10")  # a line in progress goes out at once
   stderr.write("\nTraceback (most recent call last):\n  File \"y\"\nValueError: real\n")
+  stderr.flush()  # a traceback's chain may go on until the next line or flush
   assert out.getvalue() == ("\r\033[Kstep 3/10\nTraceback (most recent call last):\n"
                             "  File \"y\"\nValueError: real\n")
 
@@ -368,3 +373,417 @@ def test_progress_bars_show_rate_and_time_left_on_a_terminal_only():
   plain.update(1, {"loss": 2.0})
   plain.tick(2)
   assert plain.stream.getvalue() == "step  1/10 loss=2\n"
+
+
+# --- issue 24: nothing lost, every mistake one line (round 2) --------------------
+# A test (or more) per case of the issue, named after it. "work lost" tests check
+# that the work survives (model.json byte-identical, the checkpoint present); the
+# others run the command in this process and check its exit code (2; 1 for a run
+# that fails, as a NaN loss does) and that stderr is exactly one line naming the
+# input. tests/test_cli_stderr.py counts the lines of whole processes.
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TASK_DIR = os.path.join(REPO, "tasks", "lm_eval")
+# 2 steps of gin/models/gpt3_tiny.gin on pydoc_topics, 8 rows of 32 bytes.
+TRAIN_FLAGS = ["--gin_file=gin/models/gpt3_tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+               "--gin.TASK='pydoc_topics'", "--gin.SEQUENCE_LENGTH=32", "--gin.BATCH_TOKENS=256",
+               "--gin.TrainConfig.train_tokens=None", "--gin.TrainConfig.num_steps=2",
+               "--gin.OptimizerConfig.warmup_tokens=None", "--gin.OptimizerConfig.decay_tokens=None",
+               "--gin.OptimizerConfig.warmup_steps=1", "--gin.OptimizerConfig.decay_steps=4",
+               "--gin.DataConfig.eval_max_batches=1", "--gin.CheckpointConfig.async_save=False"]
+TENSOR_8 = "--mesh=data:1,fsdp:1,tensor:8"  # the tiny model has 4 heads
+
+
+def _paxgpt(capsys, *argv):
+  """(exit code, stderr lines, stdout) of `paxgpt ARGV` run in this process."""
+  capsys.readouterr()
+  try:
+    code = main.main([str(a) for a in argv])
+  finally:
+    gin.clear_config()
+  sys.stderr.flush()
+  captured = capsys.readouterr()
+  return code, captured.err.splitlines(), captured.out
+
+
+def _one_line(result, *named, code=2):
+  """The one stderr line of a failed command, checked to name each of `named`."""
+  got, err = result[:2]
+  assert got == code and len(err) == 1 and err[0].startswith("paxgpt: error: "), result
+  for text in named:
+    assert text in err[0], (text, err[0])
+  return err[0]
+
+
+def _train(capsys, model_dir, *flags, mesh="--mesh=data:1,fsdp:8,tensor:1"):
+  return _paxgpt(capsys, "train", *TRAIN_FLAGS, f"--gin.MODEL_DIR='{model_dir}'", mesh, *flags)
+
+
+def _must_not_run(*args, **kwargs):
+  raise AssertionError("the work started before the input was checked")
+
+
+def _copy_hf(hf_dir, target):
+  shutil.copytree(hf_dir, target)
+  return target
+
+
+@pytest.fixture(scope="module", name="hf_model")
+def _hf_model(tmp_path_factory):
+  from conftest import tiny_hf_and_model_dir
+  return tiny_hf_and_model_dir(str(tmp_path_factory.mktemp("hf_model")))
+
+
+@pytest.fixture(scope="module", name="trained")
+def _trained(tmp_path_factory):
+  """A MODEL_DIR that `paxgpt train` wrote: 2 steps of the tiny model."""
+  model_dir = tmp_path_factory.mktemp("trained") / "run"
+  try:
+    assert main.main(["train", *TRAIN_FLAGS, f"--gin.MODEL_DIR='{model_dir}'",
+                      "--mesh=data:1,fsdp:8,tensor:1"]) == 0
+  finally:
+    gin.clear_config()
+  return model_dir
+
+
+def _missing_data_task(directory):
+  """A copy of tasks/lm_eval/paxgpt_choice.yaml, as task paxgpt_missing_data, in
+  `directory`, whose test file does not exist; returns that file's path."""
+  gone = str(directory / "gone.jsonl")
+  with open(os.path.join(TASK_DIR, "paxgpt_choice.yaml"), encoding="utf-8") as f:
+    text = f.read().replace("task: paxgpt_choice", "task: paxgpt_missing_data")
+  (directory / "missing.yaml").write_text(
+      text.replace("tasks/lm_eval/data/choice_test.jsonl", gone))
+  return gone
+
+
+# Work lost 3: a refused command leaves MODEL_DIR as it was, or does not create it.
+
+def test_work_lost_3_a_refused_resume_keeps_model_json_and_config_gin(trained, hf_model,
+                                                                      tmp_path, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  before = {name: (run / name).read_bytes() for name in ("model.json", "config.gin")}
+  steps = sorted(os.listdir(run / "checkpoints"))
+  _one_line(_train(capsys, run, f"--gin.VOCABULARY='gpt2:{hf_model[0]}'"),
+            f"vocabulary 'gpt2:{hf_model[0]}' is not the one {run} was trained with ('byte'")
+  assert {name: (run / name).read_bytes() for name in before} == before
+  assert sorted(os.listdir(run / "checkpoints")) == steps
+
+
+def test_work_lost_3_a_refused_command_creates_no_model_dir(tmp_path, capsys):
+  _one_line(_train(capsys, tmp_path / "new" / "run", mesh=TENSOR_8), "num_heads=4")
+  _one_line(_train(capsys, tmp_path / "new" / "run", "--gin.DataConfig.sequence_length=1000"),
+            "TrainConfig.batch_tokens=256")
+  assert os.listdir(tmp_path) == []
+
+
+def test_work_lost_3_the_lock_removes_only_what_it_created(tmp_path):
+  run_lock.RunLock.acquire(tmp_path / "a" / "b").release()  # wrote nothing: nothing is left
+  assert os.listdir(tmp_path) == []
+  lock = run_lock.RunLock.acquire(tmp_path / "a" / "b")
+  (tmp_path / "a" / "b" / "model.json").write_text("{}")
+  lock.release()  # wrote something: the directory and its lock file stay
+  assert sorted(os.listdir(tmp_path / "a" / "b")) == [run_lock.LOCK_FILE, "model.json"]
+  (tmp_path / "mine").mkdir()  # the user's empty directory: kept, empty
+  run_lock.RunLock.acquire(tmp_path / "mine").release()
+  assert os.listdir(tmp_path / "mine") == []
+  again = run_lock.RunLock.acquire(tmp_path / "a" / "b")  # the kept file locks as before
+  with pytest.raises(RunDirBusyError):
+    run_lock.RunLock.acquire(tmp_path / "a" / "b")
+  again.release()
+
+
+# Work lost 4: few-shot task data is checked at the start; a few-shot failure keeps
+# the step's checkpoint; fewshot's --output is checked before any work.
+
+def test_work_lost_4_missing_fewshot_data_fails_when_training_starts(tmp_path, capsys,
+                                                                     monkeypatch):
+  monkeypatch.chdir(REPO)  # the task's other split is relative to the checkout
+  gone = _missing_data_task(tmp_path)
+  _one_line(_train(capsys, tmp_path / "run", "--gin.TrainConfig.fewshot_tasks=['paxgpt_missing_data']",
+                   f"--gin.TrainConfig.fewshot_include_path='{tmp_path}'"),
+            "lm-eval task 'paxgpt_missing_data' cannot be loaded", gone)
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(UsageError, match=r"TrainConfig.fewshot_limit=0.0 must be a fraction"):
+    trainer._check_fewshot(trainer.TrainConfig(fewshot_tasks=("paxgpt_choice",),
+                                               fewshot_limit=0.0, fewshot_include_path=TASK_DIR))
+
+
+@pytest.mark.slow
+def test_work_lost_4_the_final_checkpoint_survives_a_failing_fewshot(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+
+  def harness_dies(self, params):
+    raise RuntimeError("the harness died")
+  monkeypatch.setattr(trainer._Run, "fewshot", harness_dies)
+  with pytest.raises(RuntimeError, match="the harness died"):
+    trainer.train(
+        tmp_path, mesh=one_device().mesh, model_config=tiny(max_len=32),
+        data_config=loader.DataConfig(mixture_or_task="pydoc_topics", sequence_length=32,
+                                      batch_size=4, eval_max_batches=1),
+        optimizer_config=optim.OptimizerConfig(warmup_steps=1, decay_steps=4),
+        train_config=trainer.TrainConfig(num_steps=2, fewshot_tasks=("paxgpt_choice",),
+                                         fewshot_include_path=TASK_DIR, fewshot_limit=2),
+        checkpoint_config=checkpoint.CheckpointConfig(save_every_steps=1000))
+  saved = checkpoint.Checkpointer(tmp_path, read_only=True)
+  assert saved.all_steps() == [2]  # the last step's, written before the few-shot scores
+  saved.close()
+
+
+def test_work_lost_4_fewshot_output_is_checked_before_any_work(hf_model, capsys, monkeypatch):
+  from paxgpt.interop import lm_eval_model
+  monkeypatch.setattr(lm_eval_model, "PaxGPTLM", _must_not_run)
+  _one_line(_paxgpt(capsys, "fewshot", f"--gin.MODEL_DIR='{hf_model[1]}'", "--tasks=paxgpt_choice",
+                    f"--include_path={TASK_DIR}", "--output=/no/such/dir/r.json"),
+            "--output=/no/such/dir/r.json: no such directory /no/such/dir")
+
+
+# Tracebacks where the README promises one line.
+
+def test_traceback_mesh_tensor_8_with_4_heads(trained, hf_model, tmp_path, capsys):
+  message = "num_heads=4 is not divisible by the tensor mesh axis size 8"
+  _one_line(_train(capsys, tmp_path / "run", mesh=TENSOR_8), message)
+  _one_line(_paxgpt(capsys, "eval", f"--gin.MODEL_DIR='{trained}'", TENSOR_8), message)
+  _one_line(_paxgpt(capsys, "export", f"--model_dir={hf_model[1]}", f"--hf_dir={tmp_path / 'o'}",
+                    TENSOR_8), message)
+  _one_line(_paxgpt(capsys, "import", f"--hf_dir={hf_model[0]}", f"--model_dir={tmp_path / 'i'}",
+                    TENSOR_8), message)
+  prompts = tmp_path.parent / f"{tmp_path.name}_prompts.jsonl"
+  prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n")
+  _one_line(_paxgpt(capsys, "sample", f"--gin.CHECKPOINT_DIR='{trained}'", f"--prompts={prompts}",
+                    f"--output={tmp_path / 'o.jsonl'}", TENSOR_8),  # every restore checks it
+            "the mesh does not fit parameter", "is partitioned 8 times, but the dimension size is 4")
+  assert os.listdir(tmp_path) == []
+
+
+def test_traceback_export_and_import_paths_under_a_file_or_a_dangling_link(hf_model, tmp_path,
+                                                                           capsys, monkeypatch):
+  from paxgpt.interop import hf
+  (tmp_path / "file").write_text("")
+  os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+  monkeypatch.setattr(hf, "restore", _must_not_run)  # checked before the export's work
+  monkeypatch.setattr(hf, "stream_params", _must_not_run)  # and the import's
+  for out, named in ((tmp_path / "file" / "out", f"{tmp_path / 'file'} is not a directory"),
+                     (tmp_path / "dangling", f"link to {tmp_path / 'nowhere'}, which does not")):
+    _one_line(_paxgpt(capsys, "export", f"--model_dir={hf_model[1]}", f"--hf_dir={out}"),
+              f"--hf_dir={out}", named)
+    _one_line(_paxgpt(capsys, "import", f"--hf_dir={hf_model[0]}", f"--model_dir={out}"),
+              f"--model_dir={out}", named)
+  assert sorted(os.listdir(tmp_path)) == ["dangling", "file"]
+
+
+def test_traceback_export_to_a_symlinked_hf_dir_writes_into_its_target(hf_model, tmp_path,
+                                                                       capsys):
+  (tmp_path / "target").mkdir()
+  os.symlink(tmp_path / "target", tmp_path / "link")
+  code, err, _ = _paxgpt(capsys, "export", f"--model_dir={hf_model[1]}",
+                         f"--hf_dir={tmp_path / 'link'}")
+  assert code == 0 and err == []
+  assert os.path.islink(tmp_path / "link") and sorted(os.listdir(tmp_path)) == ["link", "target"]
+  assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "target"))
+
+
+@pytest.mark.parametrize("field, value", [("num_heads", 0), ("hidden_size", "64"),
+                                          ("vocab_size", 1e12)])
+def test_traceback_hf_config_values(hf_model, tmp_path, capsys, field, value):
+  bad = _copy_hf(hf_model[0], tmp_path / "hf")
+  config = json.loads((bad / "config.json").read_text())
+  (bad / "config.json").write_text(json.dumps({**config, field: value}))
+  _one_line(_paxgpt(capsys, "import", f"--hf_dir={bad}", f"--model_dir={tmp_path / 'out'}"),
+            f"config.json: {field}={json.dumps(value)} must be an integer >= 1")
+  assert os.listdir(tmp_path) == ["hf"]
+
+
+def test_traceback_a_safetensors_header_without_data_offsets(hf_model, tmp_path, capsys):
+  path = _copy_hf(hf_model[0], tmp_path / "hf") / "model.safetensors"
+  data = path.read_bytes()
+  (size,) = struct.unpack("<Q", data[:8])
+  header = json.loads(data[8:8 + size])
+  name = next(k for k in header if k != "__metadata__")
+  del header[name]["data_offsets"]
+  text = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
+  _one_line(_paxgpt(capsys, "import", f"--hf_dir={path.parent}", f"--model_dir={tmp_path / 'o'}"),
+            f"{path}: tensor {name}: its header entry has no 'data_offsets'")
+
+
+@pytest.mark.parametrize("flag", ["--limit=0", "--limit=-5", "--num_fewshot=-1"])
+def test_traceback_fewshot_limit_and_num_fewshot(hf_model, capsys, monkeypatch, flag):
+  from paxgpt.interop import lm_eval_model
+  monkeypatch.setattr(lm_eval_model, "PaxGPTLM", _must_not_run)
+  name, value = flag.split("=")
+  _one_line(_paxgpt(capsys, "fewshot", f"--gin.MODEL_DIR='{hf_model[1]}'", "--tasks=paxgpt_choice",
+                    f"--include_path={TASK_DIR}", flag), f"{name}={value}", "must be")
+
+
+def test_traceback_a_task_yaml_pointing_at_a_missing_file(hf_model, tmp_path, capsys,
+                                                          monkeypatch):
+  from paxgpt.interop import lm_eval_model
+  monkeypatch.chdir(REPO)
+  gone = _missing_data_task(tmp_path)
+  monkeypatch.setattr(lm_eval_model, "PaxGPTLM", _must_not_run)
+  _one_line(_paxgpt(capsys, "fewshot", f"--gin.MODEL_DIR='{hf_model[1]}'",
+                    "--tasks=paxgpt_missing_data", f"--include_path={tmp_path}"),
+            "lm-eval task 'paxgpt_missing_data' cannot be loaded: FileNotFoundError", gone)
+
+
+def test_traceback_num_steps_beyond_int32(tmp_path, capsys):
+  _one_line(_train(capsys, tmp_path / "run", "--gin.TrainConfig.num_steps=100000000000000000000"),
+            "TrainConfig.num_steps=100000000000000000000 exceeds 2147483647")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_traceback_a_nan_loss_is_one_line_on_stderr(tmp_path, capsys):
+  result = _train(capsys, tmp_path / "run", "--gin.PEAK_LEARNING_RATE=1e6")
+  _one_line(result, "the loss is nan at step 2 (learning rate", "peak_learning_rate", code=1)
+  assert "error" not in result[2] and "In call to configurable" not in result[2]
+  saved = checkpoint.Checkpointer(tmp_path / "run", read_only=True)
+  assert saved.all_steps() == []  # the NaN state is never saved
+  saved.close()
+
+
+# Noise and wrong words.
+
+def test_noise_a_truncated_tokenizer_json_is_named_as_the_users_file(hf_model, tmp_path, capsys):
+  bad = _copy_hf(hf_model[0], tmp_path / "hf")
+  (bad / "tokenizer.json").write_bytes((bad / "tokenizer.json").read_bytes()[:100])
+  line = _one_line(_paxgpt(capsys, "import", f"--hf_dir={bad}", f"--model_dir={tmp_path / 'o'}"),
+                   f"{bad / 'tokenizer.json'}: not JSON")
+  assert ".partial" not in line and os.listdir(tmp_path) == ["hf"]
+
+
+def test_noise_a_deleted_model_json_is_reported_missing(trained, tmp_path, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  os.remove(run / "model.json")
+  missing = f"{run / 'model.json'} is missing, so the model's shape is unknown"
+  _one_line(_paxgpt(capsys, "eval", f"--gin.MODEL_DIR='{run}'"), missing)
+  _one_line(_paxgpt(capsys, "export", f"--model_dir={run}", f"--hf_dir={tmp_path / 'o'}"), missing)
+  (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "Hello"}) + "\n")
+  _one_line(_paxgpt(capsys, "sample", f"--gin.CHECKPOINT_DIR='{run}'",
+                    f"--prompts={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out.jsonl'}"),
+            missing)
+
+
+def _steps_with_seeds(directory, steps):
+  """Checkpoints `steps` of the tiny model, each with parameters of seed = step."""
+  part = one_device()
+  ckpt = checkpoint.Checkpointer(directory, checkpoint.CheckpointConfig(keep=5,
+                                                                        async_save=False))
+  for step in steps:
+    ckpt.save(step, init_train_state(CONFIG, OPTIMIZER, part, seed=step), {"position": step})
+  ckpt.close()
+  return part.abstract(train_step.abstract_train_state(CONFIG, OPTIMIZER)).params
+
+
+def test_noise_a_checkpoint_removed_while_being_read(tmp_path, monkeypatch):
+  """A train keeping one checkpoint saves step 3 and deletes step 2 while eval or
+  sample reads step 2 (its files first, the directory a moment later): the newest
+  complete step is read instead; a chosen --step is said to be removed while being
+  read, not corrupt."""
+  import threading
+  import orbax.checkpoint as ocp
+  abstract = _steps_with_seeds(tmp_path, (1, 2, 3))
+  directory = checkpoint.checkpoint_dir(tmp_path)
+  os.rename(os.path.join(directory, "3"), os.path.join(tmp_path, "3"))  # not saved yet
+  real = ocp.CheckpointManager.restore
+  during_read = {}  # step -> what the training run does while that step is read
+
+  def restore(self, step, *args, **kwargs):
+    during_read.pop(step, lambda: None)()
+    return real(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+
+  def delete_under_the_reader(step):
+    shutil.rmtree(os.path.join(directory, str(step), "params"))
+    threading.Timer(0.2, shutil.rmtree, [os.path.join(directory, str(step))]).start()
+
+  def save_3_and_delete_2():
+    os.rename(os.path.join(tmp_path, "3"), os.path.join(directory, "3"))
+    delete_under_the_reader(2)
+  during_read[2] = save_3_and_delete_2
+  step, params = checkpoint.restore_params_at(tmp_path, abstract)
+  want = init_train_state(CONFIG, OPTIMIZER, one_device(), seed=3).params
+  assert step == 3
+  np.testing.assert_array_equal(np.asarray(params["token_embedding"]),
+                                np.asarray(want["token_embedding"]))
+
+  during_read[3] = lambda: delete_under_the_reader(3)
+  with pytest.raises(CheckpointError, match=r"/3 was removed while being read \(a running train "
+                                            r"keeps only its last checkpoints\); saved steps: "
+                                            r"\[1\]"):
+    checkpoint.restore_params(tmp_path, abstract, step=3)
+
+
+def test_noise_a_killed_import_leaves_no_partial_directory(hf_model, tmp_path):
+  from paxgpt.interop import hf
+  out = tmp_path / "model"
+  killed = subprocess.run(  # what `kill -9` during an import leaves: its staging directory
+      [sys.executable, "-c", "import os, sys; from paxgpt.store import run_lock; "
+       "path, _ = run_lock.staging_dir(sys.argv[1], '--model_dir'); "
+       "open(os.path.join(path, 'weights'), 'w').write('x' * 1000); os._exit(9)", str(out)],
+      cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
+  assert killed.returncode == 9 and len(os.listdir(tmp_path)) == 1
+  held, lock = run_lock.staging_dir(out, "--model_dir")  # a live import to the same MODEL_DIR
+  with pytest.raises(RunDirBusyError, match=rf"--model_dir={out} is being written by another "
+                                            rf"process \(host .*, pid {os.getpid()}, in {held}\)"):
+    hf.import_hf(hf_model[0], out)
+  lock.release()
+  shutil.rmtree(held)
+  hf.import_hf(hf_model[0], out)  # removes the killed one's directory, then imports
+  assert os.listdir(tmp_path) == ["model"]
+  assert sorted(os.listdir(out)) == [run_lock.LOCK_FILE, "checkpoints", "config.gin",
+                                     "model.json", "vocabulary"]
+
+
+def test_noise_the_disk_full_message_keeps_the_kept_checkpoints(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+  part = one_device()
+  state = init_train_state(CONFIG, OPTIMIZER, part)
+  ckpt = checkpoint.Checkpointer(tmp_path / ("long_" * 30), checkpoint.CheckpointConfig(keep=5))
+  for step in (1, 2):
+    ckpt.save(step, state, {"position": step})
+  ckpt.wait()
+
+  async def full_disk(self, x, directory):  # every save from now on
+    raise OSError(errno.ENOSPC, "No space left on device " + "(TensorStore spec) " * 40,
+                  str(directory / "metadata"))
+  monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", full_disk)
+  ckpt.save(3, state, {"position": 3})
+  with pytest.raises(RunError) as raised:
+    ckpt.wait()
+  ckpt.close()
+  line = errors.one_line(raised.value)
+  assert len(line) <= errors.MAX_LINE and line == " ".join(str(raised.value).split())
+  assert "kept checkpoints: [1, 2]" in line and "[Errno 28] No space left on device" in line
+
+
+def test_noise_event_loop_closed_tracebacks_of_threads_are_filtered():
+  """Orbax's threads print their tracebacks at once: lines interleave; chains and
+  asyncio's headers belong to the traceback they announce."""
+  out = io.StringIO()
+  thread = [1]
+  stderr = main.QuietStderr(out, thread_id=lambda: thread[0])
+
+  def write(ident, text):
+    thread[0] = ident
+    stderr.write(text)
+  noise = ["Traceback (most recent call last):\n", '  File "base_events.py", line 806\n',
+           "    self._check_closed()\n", "RuntimeError: Event loop is closed\n"]
+  for a, b in zip(noise, noise):  # two threads, line by line
+    write(1, a)
+    write(2, b)
+  write(1, "Exception in callback Future.set_result()\n")
+  write(1, "handle: <Handle Future.set_result()>\n")
+  write(1, "Traceback (most recent call last):\n  File \"x\"\nCancelledError\n\n")
+  write(1, "During handling of the above exception, another exception occurred:\n\n")
+  write(1, "".join(noise))
+  write(2, "Exception ignored in: <coroutine object f at 0x1>\n" + "".join(noise))
+  write(1, "paxgpt: error: the one line\n")
+  write(2, "Traceback (most recent call last):\n  File \"y\"\nValueError: real\n")
+  stderr.flush()
+  assert out.getvalue() == ("paxgpt: error: the one line\n"
+                            "Traceback (most recent call last):\n  File \"y\"\nValueError: real\n")

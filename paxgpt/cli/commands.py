@@ -16,15 +16,11 @@ def _is_chief():
 
 
 def train(args):
-  """`paxgpt train`: exit 0 when done (or stopped by SIGTERM after saving), 1
-  when the loss became NaN/Inf."""
+  """`paxgpt train`: exit 0 when done (or stopped by SIGTERM after saving); a
+  NaN/Inf loss is trainer.NonFiniteLossError, a RunError: one line, exit 1."""
   from paxgpt.model import sharding
   from paxgpt.training import trainer
-  try:
-    summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh))
-  except trainer.NonFiniteLossError as e:
-    print(f"paxgpt: error: {e}", flush=True)
-    return 1
+  summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh))
   if _is_chief():
     print(json.dumps(summary), flush=True)
   return 0

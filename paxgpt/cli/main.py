@@ -14,11 +14,12 @@ one line on stderr, "paxgpt: error: ...", naming the input, and exit code 2.
 Library code raises the errors of `input_errors()`; it never prints or exits.
 Config dataclasses raise ConfigError (paxgpt/config/checks.py), checkpoints
 CheckpointError, a MODEL_DIR owned by another run RunDirBusyError: all
-UsageErrors. A run that fails for a reason outside its input (a full disk:
-paxgpt.errors.RunError) is one line on stderr too, with exit code 1.
+UsageErrors. A run that fails for a reason outside its input (a full disk, a
+NaN loss: paxgpt.errors.RunError) is one line on stderr too, with exit code 1.
 
 Start-up logs of TensorFlow, XLA and absl (CUDA probing on a CPU box, Orbax's
-notes) are hidden unless --verbose is given (any command).
+notes), for every command, and the wind-down tracebacks of a failed Orbax read
+or write are hidden unless --verbose is given (any command).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import re
 import sys
+import threading
 
 from paxgpt import distributed
 from paxgpt.config.gin_flags import parse_gin, register_configurables, split_gin_flags
@@ -155,41 +158,106 @@ def input_errors():
   return tuple(errors)
 
 
+def _may_start(text, prefixes):
+  """Whether the start of a line, `text`, may be one of `prefixes` once complete."""
+  return any(p.startswith(text) or text.startswith(p) for p in prefixes)
+
+
+class _Block:
+  """The lines of one traceback being held (its header and chained causes too).
+  state: "preamble" (after a header such as asyncio's "Exception in callback",
+  before its traceback), "traceback" (up to the exception's own line), "ended"."""
+
+  def __init__(self, state):
+    self.state, self.lines, self.noise = state, [], False
+    self.chained = False  # the last words were "During handling of the above exception"
+
+
 class QuietStderr:
   """sys.stderr without the tracebacks of asyncio callbacks that fire after
   Orbax closed its event loop ("RuntimeError: Event loop is closed"): a failed
-  checkpoint write leaves dozens; its cause is reported in one line. Every
-  other line passes through unchanged."""
+  checkpoint read or write leaves dozens; its cause is reported in one line.
+  Every other line passes through unchanged.
+
+  Orbax's and TensorStore's threads print those tracebacks at the same time, so
+  each thread's text is parsed on its own (their lines interleave on the
+  stream). A traceback is held from its header ("Traceback ...", "Exception
+  ignored in ...", asyncio's "Exception in callback ...") to its exception line,
+  through chained causes ("During handling of the above exception ..."), and up
+  to the next line or flush: then it is written, unless a line of it is the noise."""
 
   NOISE = "RuntimeError: Event loop is closed"
+  TRACEBACK = "Traceback (most recent call last):"
+  HEADERS = (TRACEBACK, "Exception ignored in", "Exception in callback",
+             "Task exception was never retrieved")
+  CHAINS = ("During handling of the above exception", "The above exception was the direct")
+  EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b")
 
-  def __init__(self, stream):
-    self._stream, self._partial, self._held = stream, "", None
+  def __init__(self, stream, thread_id=threading.get_ident):
+    self._stream, self._thread_id = stream, thread_id
+    self._lock = threading.Lock()
+    self._partial = {}  # thread id -> the text after its last newline
+    self._held = {}  # thread id -> _Block
 
   def write(self, text):
-    lines = (self._partial + text).split("\n")
-    self._partial = lines.pop()
-    for line in lines:
-      self._line(line + "\n")
-    if self._held is None and not "Traceback".startswith(self._partial[:9]):
-      self._stream.write(self._partial)  # a line in progress (a progress bar): now
-      self._partial = ""
+    me = self._thread_id()
+    with self._lock:
+      lines = (self._partial.pop(me, "") + text).split("\n")
+      partial = lines.pop()
+      for line in lines:
+        self._line(me, line + "\n")
+      if partial:
+        block = self._held.get(me)
+        if block is not None and block.state == "ended" and not _may_start(
+            partial, self.CHAINS + self.HEADERS):
+          self._release(me)
+          block = None
+        if block is not None or _may_start(partial, self.HEADERS):
+          self._partial[me] = partial  # maybe part of a traceback: wait for the line's end
+        else:
+          self._stream.write(partial)  # a line in progress (a progress bar): now
     return len(text)
 
-  def _line(self, line):
-    if self._held is None:
-      if line.startswith("Traceback (most recent call last):"):
-        self._held = [line]
-      else:
+  def _line(self, me, line):
+    block = self._held.get(me)
+    text = line.rstrip("\n")
+    if block is not None and block.state == "ended":  # a chained cause, or the next line
+      chained = text.startswith(self.CHAINS)
+      if not text.strip() or chained or (block.chained and text.startswith(self.TRACEBACK)):
+        block.lines.append(line)
+        block.chained = chained or (block.chained and not text.strip())
+        if text.startswith(self.TRACEBACK):
+          block.state = "traceback"
+        return
+      self._release(me)
+      block = None
+    if block is None:
+      if not text.startswith(self.HEADERS):
         self._stream.write(line)
+        return
+      block = self._held[me] = _Block(
+          "traceback" if text.startswith(self.TRACEBACK) else "preamble")
+      block.lines.append(line)
       return
-    self._held.append(line)
-    if not line.startswith((" ", "\t")):  # the exception's own line ends the block
-      block, self._held = self._held, None
-      if line.strip() != self.NOISE:
-        self._stream.write("".join(block))
+    block.lines.append(line)
+    block.noise = block.noise or text.strip() == self.NOISE
+    if text.startswith(self.TRACEBACK):
+      block.state = "traceback"
+    elif block.state == "preamble":
+      if self.EXCEPTION.match(text):  # a header's exception without a traceback
+        block.state = "ended"
+    elif text and not text.startswith((" ", "\t")):  # the exception's own line
+      block.state = "ended"
+
+  def _release(self, me):
+    block = self._held.pop(me)
+    if not block.noise:
+      self._stream.write("".join(block.lines))
 
   def flush(self):
+    with self._lock:
+      for me in [t for t, b in self._held.items() if b.state != "traceback"]:
+        self._release(me)
     self._stream.flush()
 
   def __getattr__(self, name):  # fileno, isatty, encoding, ...
@@ -199,9 +267,13 @@ class QuietStderr:
 def quiet_start_up():
   """Hide absl's log lines (Orbax's warnings about read-only checkpoint managers,
   its pages of errors for a failed save, which paxgpt reports in one line) and
-  the Python loggers' notes; `start_up_logs_hidden` hides the C++ ones."""
+  the Python loggers' notes; `start_up_logs_hidden` hides the C++ ones. The
+  wind-down of a failed Orbax read or write (its asyncio tasks' "exception was
+  never retrieved", "coroutine ... was never awaited") is hidden too: the
+  failure itself is reported in one line."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import logging
+  import warnings
   try:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.FATAL)
@@ -209,6 +281,9 @@ def quiet_start_up():
     pass
   for name in ("jax", "orbax", "tensorflow"):
     logging.getLogger(name).setLevel(logging.ERROR)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                          category=RuntimeWarning)
 
 
 def main(argv=None):
@@ -273,9 +348,9 @@ def _run(name, argv, quiet=False):
       parser.add_argument(flag, **kwargs)
   args = parser.parse_args(rest)
   function = getattr(importlib.import_module("paxgpt.cli.commands"), cmd.function)
+  with start_up_logs_hidden(quiet):  # every command: import and export load TensorFlow too
+    _load_libraries(cmd.needs_gin)
   if cmd.needs_gin:
-    with start_up_logs_hidden(quiet):
-      register_configurables()
     if not files and cmd.default_gin is None:
       raise UsageError(f"paxgpt {name} needs at least one --gin_file")
     files = files or list(cmd.default_gin)
@@ -285,6 +360,18 @@ def _run(name, argv, quiet=False):
   if name in MULTI_PROCESS_COMMANDS:  # join a multi-host run before any device is used
     distributed.initialize_from_args(args)
   return int(function(args) or 0)
+
+
+def _load_libraries(needs_gin):
+  """Import what prints start-up lines: gin's configurables (the data side with
+  them), or the data side alone (vocabularies) for the commands without gin."""
+  if needs_gin:
+    register_configurables()
+    return
+  try:
+    importlib.import_module("tasks")
+  except ImportError:  # a JAX-only box: no TensorFlow to quiet
+    pass
 
 
 # Set when a run failed outside its input (RunError): the I/O threads of a failed

@@ -28,18 +28,20 @@ Weights stream one tensor at a time: safetensors files are parsed here (the
 header, then each tensor read with pread), each parameter is built on the
 host and placed into its target sharding before the next is read, so the
 model is never in host memory twice. Export writes the safetensors file the
-same way, one tensor at a time. Both write into a temporary directory beside
-the output and rename it at the end: a failure leaves nothing half-made.
+same way, one tensor at a time. Both check the output path before any work,
+write into a temporary directory beside it and rename it at the end: a failure
+leaves nothing half-made, and what a killed run left is removed by the next run
+to the same output.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import struct
-import tempfile
 import time
 
 import jax.numpy as jnp
@@ -47,7 +49,9 @@ import numpy as np
 
 from paxgpt.store import checkpoint
 from paxgpt.model import gpt
+from paxgpt.model import info as model_info
 from paxgpt.store import model_dir as model_dir_lib
+from paxgpt.store import run_lock
 from paxgpt.model import sharding
 from paxgpt.errors import UsageError
 
@@ -94,13 +98,13 @@ class SafetensorsFile:
       if isinstance(e, UsageError):
         raise
       raise UsageError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+      raise UsageError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     self.start = 8 + n
     self.tensors = {}
     for name, info in header.items():
-      dtype = _numpy_dtype(info["dtype"], f"{path} tensor {name}")
-      shape = tuple(info["shape"])
-      begin, end = info["data_offsets"]
+      dtype, shape, (begin, end) = _header_entry(path, name, info)
       if end - begin != math.prod(shape) * dtype.itemsize or self.start + end > size:
         raise UsageError(f"{path}: truncated safetensors file (tensor {name} ends at byte "
                          f"{self.start + end}, file of {size})")
@@ -118,6 +122,27 @@ class SafetensorsFile:
           raise UsageError(f"{self.path}: truncated while reading tensor {name}")
         done += got
     return out
+
+
+def _header_entry(path, name, info):
+  """(numpy dtype, shape, (begin, end)) of one tensor's header entry, checked."""
+  def is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+  where = f"{path}: tensor {name}"
+  if not isinstance(info, dict):
+    raise UsageError(f"{where}: its header entry is not a JSON object")
+  for field in ("dtype", "shape", "data_offsets"):
+    if field not in info:
+      raise UsageError(f"{where}: its header entry has no {field!r} (not a safetensors file)")
+  shape, offsets = info["shape"], info["data_offsets"]
+  if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+    raise UsageError(f"{where}: shape={json.dumps(shape)} is not a list of sizes")
+  if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets))
+      or offsets[0] > offsets[1]):
+    raise UsageError(f"{where}: data_offsets={json.dumps(offsets)} is not [begin, end]")
+  if not isinstance(info["dtype"], str):
+    raise UsageError(f"{where}: dtype={json.dumps(info['dtype'])} is not a dtype name")
+  return _numpy_dtype(info["dtype"], where), tuple(shape), tuple(offsets)
 
 
 def write_safetensors(path, tensors):
@@ -329,6 +354,44 @@ def _field(config, name, default=None, required=True):
   return default
 
 
+def _size(config, name, default=None, low=1):
+  """An integer field of config.json, at least `low`; `default` when absent or
+  null (None: the field is required)."""
+  value = config.get(name)
+  if value is None:
+    if default is None:
+      raise UsageError(f"config.json: field {name!r} is missing")
+    return default
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise UsageError(f"config.json: {name}={json.dumps(value)} must be an integer >= {low}")
+  return value
+
+
+def _positive_number(config, name, default):
+  value = config.get(name, default)
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or value <= 0):
+    raise UsageError(f"config.json: {name}={json.dumps(value)} must be a positive number")
+  return float(value)
+
+
+def _layer_kinds(config, num_layers):
+  """GPT-Neo's per-layer attention kinds from attention_types ([[kinds], repeat], ...)."""
+  types = _field(config, "attention_types")
+  layers = []
+  try:
+    for block, repeat in types:
+      if not isinstance(block, list) or isinstance(repeat, bool) or not isinstance(repeat, int):
+        raise TypeError
+      layers += list(block) * repeat
+  except (TypeError, ValueError):
+    layers = None
+  if layers is None or sorted(set(layers) - {"global", "local"}) or len(layers) != num_layers:
+    raise UsageError(f"config.json: attention_types={json.dumps(types)} does not give "
+                     f"num_layers={num_layers} layers of 'global'/'local'")
+  return layers
+
+
 def _must_be(config, name, allowed, default):
   value = config.get(name, default)
   if value not in allowed:
@@ -356,35 +419,29 @@ def config_from_hf(config: dict):
   _must_be(config, "tie_word_embeddings", (True,), True)
   _must_be(config, "add_cross_attention", (False,), False)
   if model_type == "gpt_neo":
-    d, heads = _field(config, "hidden_size"), _field(config, "num_heads")
-    num_layers = _field(config, "num_layers")
-    layers = []
-    for block, repeat in _field(config, "attention_types"):
-      layers += list(block) * repeat
-    bad = sorted(set(layers) - {"global", "local"})
-    if bad or len(layers) != num_layers:
-      raise UsageError(f"config.json: attention_types={json.dumps(config['attention_types'])} "
-                       f"does not give num_layers={num_layers} layers of 'global'/'local'")
+    d, heads = _size(config, "hidden_size"), _size(config, "num_heads")
+    num_layers = _size(config, "num_layers")
+    layers = _layer_kinds(config, num_layers)
     pattern = tuple("dense" if t == "global" else "banded" for t in _period(layers))
     kwargs = dict(num_layers=num_layers, d_model=d, num_heads=heads,
-                  d_ff=config.get("intermediate_size") or 4 * d,
-                  max_len=_field(config, "max_position_embeddings"),
-                  attention_pattern=pattern, window=_field(config, "window_size", 256),
+                  d_ff=_size(config, "intermediate_size", 4 * d),
+                  max_len=_size(config, "max_position_embeddings"),
+                  attention_pattern=pattern, window=_size(config, "window_size", 256),
                   attention_scale=1.0, qkv_bias=False)
   else:
     _must_be(config, "scale_attn_by_inverse_layer_idx", (False,), False)
     _must_be(config, "reorder_and_upcast_attn", (False,), False)
-    d, heads = _field(config, "n_embd"), _field(config, "n_head")
+    d, heads = _size(config, "n_embd"), _size(config, "n_head")
     scaled = _must_be(config, "scale_attn_weights", (True, False), True)
-    kwargs = dict(num_layers=_field(config, "n_layer"), d_model=d, num_heads=heads,
-                  d_ff=config.get("n_inner") or 4 * d, max_len=_field(config, "n_positions"),
+    kwargs = dict(num_layers=_size(config, "n_layer"), d_model=d, num_heads=heads,
+                  d_ff=_size(config, "n_inner", 4 * d), max_len=_size(config, "n_positions"),
                   attention_pattern=("dense",), attention_scale=None if scaled else 1.0,
                   qkv_bias=True)
   if d % heads:
     raise UsageError(f"config.json: hidden size {d} is not divisible by {heads} heads")
-  kwargs.update(vocab_size=_field(config, "vocab_size") + SHIFT, masked_ids=(0,),
+  kwargs.update(vocab_size=_size(config, "vocab_size") + SHIFT, masked_ids=(0,),
                 head_dim=d // heads,
-                layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
+                layer_norm_epsilon=_positive_number(config, "layer_norm_epsilon", 1e-5),
                 dropout_rate=0.0)
   return model_type, kwargs
 
@@ -513,22 +570,54 @@ def _read_hf_config(hf_dir):
   return config
 
 
-def _staging_dir(out):
-  """A fresh directory beside `out` (renamed to it when complete); `out` must
-  not exist or be empty."""
+def _output_dir(out, flag):
+  """The absolute directory to write for `out` (a new path or an empty
+  directory; a symbolic link stands for its target), checked before any work:
+  UsageError naming `flag` when it cannot be written."""
   out = os.path.abspath(out)
+  if os.path.islink(out):
+    target = os.path.realpath(out)
+    if not os.path.exists(target):
+      raise UsageError(f"{flag}={out} is a symbolic link to {target}, which does not exist")
+    out = target
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise UsageError(f"{out} already exists and is not empty; paxgpt writes a new directory")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    raise UsageError(f"{flag}={out} already exists and is not an empty directory; paxgpt "
+                     f"writes a new directory")
+  ancestor = os.path.dirname(out)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    what = "a dangling symbolic link" if os.path.islink(ancestor) else "not a directory"
+    raise UsageError(f"{flag}={out}: {ancestor} is {what}")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise UsageError(f"{flag}={out}: {ancestor} is not writable")
+  return out
 
 
-def _finish(staging, out):
-  out = os.path.abspath(out)
-  if os.path.isdir(out):
-    os.rmdir(out)  # empty (checked when staging began)
-  os.rename(staging, out)
+@contextlib.contextmanager
+def _staged(out, flag, keep_lock):
+  """A directory to fill, beside `out` (paxgpt/store/run_lock.py's staging_dir:
+  a killed run's leftovers are removed, a live one's refused), renamed to `out`
+  when the body completes and removed when it fails. keep_lock: the output is
+  a MODEL_DIR, whose lock file it keeps."""
+  out = _output_dir(out, flag)
+  staging, lock = run_lock.staging_dir(out, flag)
+  try:
+    yield staging
+    if not keep_lock:
+      lock.remove()
+    try:
+      if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked before the work)
+      os.rename(staging, out)
+    except OSError as e:
+      raise UsageError(f"{flag}={out}: cannot be written ({e.strerror or e}); another "
+                       f"process wrote it meanwhile?") from None
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  finally:
+    lock.release()
 
 
 def _copy_vocabulary(hf_dir, target):
@@ -568,21 +657,16 @@ def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
   start = time.time()
   hf_dir = os.path.abspath(hf_dir)
   hf_config, model_type, cfg, weights = read_hf(hf_dir, dtype)
-  staging = _staging_dir(model_dir)
-  try:
+  _check_vocabulary(f"gpt2:{hf_dir}", cfg, hf_config)  # the user's files, named as theirs
+  partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+  model_info.check_model_on_mesh(cfg, partitioner.axis_sizes)
+  with _staged(model_dir, "--model_dir", keep_lock=True) as staging:
     vocab_dir = os.path.join(staging, VOCABULARY_SUBDIR)
     _copy_vocabulary(hf_dir, vocab_dir)
-    spec = f"gpt2:{vocab_dir}"
-    _check_vocabulary(spec, cfg, hf_config)
-    partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
     params, nbytes = stream_params(weights, model_type, cfg, partitioner)
     _save_params(staging, params)
     del params
-    model_dir_lib.write(staging, cfg, spec, _gin_text(cfg, hf_dir))
-    _finish(staging, model_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+    model_dir_lib.write(staging, cfg, f"gpt2:{vocab_dir}", _gin_text(cfg, hf_dir))
   return {"model_type": model_type, "model_dir": os.path.abspath(model_dir),
           "parameter_bytes": nbytes, "wall_s": time.time() - start}
 
@@ -669,6 +753,7 @@ def restore(model_dir, step=None, mesh=None):
   """(GPTConfig, vocabulary spec or None, params) of a MODEL_DIR checkpoint."""
   cfg, spec = model_dir_lib.resolve(model_dir)
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+  model_info.check_model_on_mesh(cfg, partitioner.axis_sizes)
   boxed = gpt.abstract_variables(cfg)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
   return cfg, spec, params
@@ -678,23 +763,18 @@ def export_hf(model_dir, hf_dir, step=None, mesh=None):
   """Write a transformers directory (config.json, model.safetensors, tokenizer
   files for a GPT-2 BPE vocabulary) from MODEL_DIR's checkpoint `step`."""
   start = time.time()
-  cfg, spec, params = restore(model_dir, step, mesh)
-  vocab = None
-  if spec is not None:
-    import tasks
-    vocab = tasks.get_vocabulary(spec)
-  model_type, hf_config = config_to_hf(cfg, None if vocab is None else vocab.eos_id)
-  staging = _staging_dir(hf_dir)
-  try:
+  with _staged(hf_dir, "--hf_dir", keep_lock=False) as staging:
+    cfg, spec, params = restore(model_dir, step, mesh)
+    vocab = None
+    if spec is not None:
+      import tasks
+      vocab = tasks.get_vocabulary(spec)
+    model_type, hf_config = config_to_hf(cfg, None if vocab is None else vocab.eos_id)
     with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
       json.dump(hf_config, f, indent=1)
     _write_weights(os.path.join(staging, WEIGHTS), model_type, cfg, params)
     tokenizer = spec is not None and spec.startswith("gpt2:") and _write_tokenizer(
         spec.partition(":")[2], staging, cfg)
-    _finish(staging, hf_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return {"model_type": model_type, "hf_dir": os.path.abspath(hf_dir),
           "tokenizer": bool(tokenizer), "wall_s": time.time() - start}
 

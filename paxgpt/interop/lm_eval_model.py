@@ -48,6 +48,7 @@ from lm_eval.api.registry import model_registry
 
 from paxgpt.store import checkpoint
 from paxgpt.model import gpt
+from paxgpt.model import info
 from paxgpt.decoding import sampling
 from paxgpt.model import sharding
 from paxgpt.training import train_step
@@ -98,6 +99,7 @@ def load_model_dir(model_dir, step=None, partitioner=None, dtype=None):
                      f"{model_dir_lib.MODEL_JSON}); few-shot prompts are text")
   if dtype:
     config = dataclasses.replace(config, dtype=str(dtype))
+  info.check_model_on_mesh(config, partitioner.axis_sizes)
   vocab = tasks.get_vocabulary(vocab_spec)
   boxed = gpt.abstract_variables(config)["params"]
   params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
@@ -400,6 +402,68 @@ def check_tasks(manager, task_names, include_path=None):
   return names
 
 
+def check_task_data(manager, task_names):
+  """Load each task as the harness will (its dataset included), so a task whose
+  data is missing or unreadable fails now, in one line, and not after the work
+  before it (a training run, a checkpoint restore). Quietly: the datasets
+  library's progress bars show when the evaluation itself loads them."""
+  import datasets
+  bars = datasets.is_progress_bar_enabled()
+  datasets.disable_progress_bars()
+  try:
+    for name in task_names:
+      try:
+        manager.load([name])
+      except Exception as e:  # pylint: disable=broad-except  (the harness's errors vary)
+        cause = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UsageError(f"lm-eval task {name!r} cannot be loaded: {cause}") from None
+  finally:
+    if bars:
+      datasets.enable_progress_bars()
+
+
+def check_settings(num_fewshot=None, limit=None, names=("--num_fewshot", "--limit")):
+  """num_fewshot: None (each task's default) or >= 0; limit: None, a fraction in
+  (0, 1) of each task's documents, or a whole number of them (>= 1). `names`:
+  how the user gave them, for the message."""
+  if num_fewshot is not None and (isinstance(num_fewshot, bool)
+                                  or not isinstance(num_fewshot, int) or num_fewshot < 0):
+    raise UsageError(f"{names[0]}={num_fewshot} must be an integer >= 0 (examples in each "
+                     f"prompt)")
+  if limit is None:
+    return
+  whole = isinstance(limit, (int, float)) and not isinstance(limit, bool) and (
+      limit >= 1 and float(limit).is_integer())
+  fraction = isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit < 1
+  if not (whole or fraction):
+    raise UsageError(f"{names[1]}={limit} must be a fraction in (0, 1) of each task's "
+                     f"documents or a whole number of them (>= 1)")
+
+
+def check_output(output, flag="--output"):
+  """An output file that cannot be written is a UsageError now, before any work."""
+  if not output:
+    return
+  path = os.path.abspath(output)
+  parent = os.path.dirname(path)
+  if os.path.isdir(path):
+    raise UsageError(f"{flag}={output}: is a directory")
+  if not os.path.isdir(parent):
+    raise UsageError(f"{flag}={output}: no such directory {parent}")
+  if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                  and not os.access(path, os.W_OK)):
+    raise UsageError(f"{flag}={output}: cannot be written (permission denied)")
+
+
+def _write_json(output, results):
+  """`results` as JSON in `output`, through a temporary file and a rename."""
+  from lm_eval.utils import handle_non_serializable
+  temporary = f"{output}.partial"
+  with open(temporary, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1, default=handle_non_serializable, ensure_ascii=False)
+  os.replace(temporary, output)
+
+
 def evaluate(lm, task_names, *, num_fewshot=None, limit=None, include_path=None,
              log_samples=False, manager=None, seed=DEFAULT_SEED, bootstrap_iters=0):
   """The harness's simple_evaluate on `lm` (its results dict). Unknown task
@@ -417,18 +481,20 @@ def evaluate(lm, task_names, *, num_fewshot=None, limit=None, include_path=None,
 def run(model_dir, task_names, *, num_fewshot=None, limit=None, include_path=None,
         step=None, mesh=None, batch_size=16, output=None, log_samples=False,
         bootstrap_iters=0):
-  """`paxgpt fewshot`: the task names are checked before the checkpoint is
-  loaded; the results dict (with per-request samples when log_samples) is
-  written to `output` as JSON when given. Returns the results dict."""
-  from lm_eval.utils import handle_non_serializable
+  """`paxgpt fewshot`: the settings, the output path, the task names and the
+  tasks' data are checked before the checkpoint is loaded; the results dict
+  (with per-request samples when log_samples) is written to `output` as JSON
+  when given. Returns the results dict."""
+  check_settings(num_fewshot, limit)
+  check_output(output)
   manager = tasks_manager_for(task_names, include_path)
-  check_tasks(manager, task_names, include_path)
+  names = check_tasks(manager, task_names, include_path)
+  check_task_data(manager, names)
   lm = PaxGPTLM(model_dir=model_dir, step=step, mesh=mesh, batch_size=batch_size)
   results = evaluate(lm, task_names, num_fewshot=num_fewshot, limit=limit,
                      log_samples=log_samples, manager=manager, bootstrap_iters=bootstrap_iters)
   if output:
-    with open(output, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1, default=handle_non_serializable, ensure_ascii=False)
+    _write_json(output, results)
   return results
 
 

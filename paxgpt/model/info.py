@@ -36,7 +36,8 @@ def describe(config, axis_sizes, seq_len=None):
 
 def check_model_on_mesh(config, axis_sizes):
   """The model's sharded dimensions must divide their mesh axes."""
-  for what, size, logical_axis in (("num_heads", config.num_heads, "heads"),
+  for what, size, logical_axis in (("d_model", config.d_model, "embed"),
+                                   ("num_heads", config.num_heads, "heads"),
                                    ("d_ff", config.d_ff, "mlp"),
                                    ("padded vocab size", config.padded_vocab_size, "vocab")):
     sharding.check_divisible(what, size, logical_axis, axis_sizes)

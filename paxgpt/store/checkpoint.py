@@ -15,7 +15,8 @@ another.
 
 Failures are one line (paxgpt/errors.py):
   - a save that fails in the background (a full disk) raises RunError naming
-    the step, the path and the errno at the next `check()` (trainer.py calls it
+    the step, the path, the checkpoints kept and the errno, in one line of at
+    most errors.MAX_LINE characters, at the next `check()` (trainer.py calls it
     every step); the checkpoints before it are kept, and its temporary directory
     (never taken for a checkpoint) is removed then and at `close()`;
   - a checkpoint that cannot be restored (corrupt or truncated files, an empty
@@ -23,7 +24,10 @@ Failures are one line (paxgpt/errors.py):
     cause Orbax reported; one written for another model shape raises
     ShapeMismatchError naming the parameter and both shapes. `restore_newest`
     (training's resume) skips the unrestorable ones, newest first, and moves
-    them to MODEL_DIR/unrestorable_checkpoints/.
+    them to MODEL_DIR/unrestorable_checkpoints/;
+  - a checkpoint that a running train deletes while `restore_params` reads it
+    (keep-last-K) is read again from the newest one, or, for a chosen --step,
+    reported as removed while being read.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import io
 import os
 import re
 import shutil
+import time
 
 import gin
 import jax
@@ -42,7 +47,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from paxgpt.config.checks import check_types
-from paxgpt.errors import CheckpointError, ConfigError, RunError, UsageError
+from paxgpt.errors import MAX_LINE, CheckpointError, ConfigError, RunError, UsageError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 UNRESTORABLE_SUBDIR = "unrestorable_checkpoints"
@@ -85,7 +90,7 @@ class ShapeMismatchError(CheckpointError):
   """A checkpoint written for another model shape than the config's."""
 
 
-def _cause(error):
+def _cause(error, limit=300):
   """The innermost message of an exception chain: Orbax wraps the real cause
   (ZSTD_decompressStream() failed, a byte range past the end of a file, a JSON
   decode error, ENOSPC) in pages of TensorStore specs."""
@@ -102,7 +107,8 @@ def _cause(error):
   if os_error and "[Errno" not in text:
     number = int(os_error.group(1))
     text = f"[Errno {number}] {os.strerror(number)}: {text}"
-  return text if len(text) <= 300 else text[:297] + "..."
+  limit = max(limit, 60)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -227,8 +233,10 @@ class Checkpointer:
     self._remove_temporary(step)
     kept = [int(p.name) for p in epath.Path(self.directory).iterdir()
             if p.name.isdigit() and int(p.name) != step]  # on disk: Orbax's list may lag
-    return RunError(f"saving checkpoint {step} to {os.path.join(self.directory, str(step))} "
-                    f"failed: {_cause(error)}; kept checkpoints: {sorted(kept)}")
+    # The cause last and cut to fit, so the line names the path and what is kept in full.
+    head = (f"saving checkpoint {step} to {os.path.join(self.directory, str(step))} failed "
+            f"(kept checkpoints: {sorted(kept)}): ")
+    return RunError(head + _cause(error, MAX_LINE - len(head)))
 
   def restore(self, step, abstract_params, abstract_opt_state):
     """(params, opt_state, data_state, meta) of checkpoint `step`, placed on the
@@ -317,27 +325,85 @@ def restore_params(directory, abstract_params, step=None, step_flag="--step"):
   Raises UsageError when there is no (such) checkpoint, CheckpointError when it
   cannot be restored (naming the saved steps).
   """
+  return restore_params_at(directory, abstract_params, step, step_flag)[1]
+
+
+# A checkpoint that a live run deletes while it is read (its keep policy, once a
+# newer one is saved) is read again from the newest one, this many times at most.
+READ_ATTEMPTS = 5
+_REMOVAL_WAIT_S = 1.0  # how long a failed read waits to see its checkpoint vanish
+
+
+def _removed(path, wait_s=0.0):
+  """Whether the checkpoint directory `path` is gone, waiting up to wait_s for a
+  deletion under way (files go first, the directory last)."""
+  deadline = time.monotonic() + wait_s
+  while os.path.isdir(path):
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.05)
+  return True
+
+
+def restore_params_at(directory, abstract_params, step=None, step_flag="--step"):
+  """(step, params): `restore_params`, saying which step it restored. A
+  checkpoint removed while it was read (a live run keeping the last K) is read
+  again from the newest one when `step` is None, else a CheckpointError saying so."""
   directory = os.fspath(directory)
   if os.path.basename(os.path.normpath(directory)) == CHECKPOINT_SUBDIR:
     directory = os.path.dirname(os.path.normpath(directory))
   if not os.path.isdir(checkpoint_dir(directory)):
     raise UsageError(f"no checkpoint in {directory!r} (no {CHECKPOINT_SUBDIR}/ directory)")
+  _check_divides(abstract_params)
   checkpointer = Checkpointer(directory, read_only=True)
   try:
-    step = resolve_step(checkpointer, directory, step)
-    try:
-      restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params)))
-    except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
-      error = restore_error(checkpointer.directory, step, e, abstract_params)
-      if isinstance(error, ShapeMismatchError):  # every step has that shape: no --step hint
-        raise error from None
-      others = sorted(s for s in checkpointer.all_steps() if s != step)
-      raise type(error)(f"{error}; saved steps: {sorted(checkpointer.all_steps())}"
-                        + (f" (choose another with {step_flag})" if others else "")) from None
-    return restored.params
+    for _ in range(READ_ATTEMPTS):
+      chosen = resolve_step(checkpointer, directory, step)
+      path = os.path.join(checkpointer.directory, str(chosen))
+      try:
+        restored, error = checkpointer.manager.restore(chosen, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params))), None
+      except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
+        restored, error = None, e
+      if not _removed(path, 0.0 if error is None else _REMOVAL_WAIT_S):
+        if error is None:
+          return chosen, restored.params
+        raise _unrestorable(checkpointer, chosen, error, abstract_params, step_flag) from None
+      checkpointer.manager.reload()
+      if step is not None:
+        raise CheckpointError(f"checkpoint {path} was removed while being read (a running "
+                              f"train keeps only its last checkpoints); saved steps: "
+                              f"{sorted(checkpointer.all_steps())}")
+    raise CheckpointError(f"the newest checkpoint in {checkpointer.directory} was removed while "
+                          f"being read, {READ_ATTEMPTS} times: a running train deletes them as "
+                          f"fast as they are read (raise its CheckpointConfig.keep)")
   finally:
     checkpointer.close()
+
+
+def _check_divides(abstract_params):
+  """A UsageError naming the first parameter whose target sharding does not
+  divide its shape (the mesh does not fit the model), before any read."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      continue
+    try:
+      sharding.shard_shape(tuple(leaf.shape))
+    except ValueError as e:
+      cause = re.sub(r"\s*\(full shape.*$", "", " ".join(str(e).split()))
+      raise UsageError(f"the mesh does not fit parameter {_leaf_name(path)} of shape "
+                       f"{tuple(leaf.shape)}: {cause.split('implies that ', 1)[-1]}; choose "
+                       f"another --mesh") from None
+
+
+def _unrestorable(checkpointer, step, error, abstract_params, step_flag):
+  error = restore_error(checkpointer.directory, step, error, abstract_params)
+  if isinstance(error, ShapeMismatchError):  # every step has that shape: no --step hint
+    return error
+  others = sorted(s for s in checkpointer.all_steps() if s != step)
+  return type(error)(f"{error}; saved steps: {sorted(checkpointer.all_steps())}"
+                     + (f" (choose another with {step_flag})" if others else ""))
 
 
 def resolve_step(checkpointer, directory, step):

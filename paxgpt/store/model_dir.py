@@ -12,7 +12,8 @@
 fine-tuning read it when gin binds no GPTConfig parameter (no model gin file).
 When gin does bind the model and model.json disagrees on a field that changes
 the parameters or the function they compute (SHAPE_FIELDS), that is a
-UsageError naming the fields. A vocabulary whose files lie inside MODEL_DIR is
+UsageError naming the fields; so is a missing model.json when gin binds no
+model, and a resumed run's vocabulary that is not model.json's. A vocabulary whose files lie inside MODEL_DIR is
 stored relative to it (the directory can be moved) and read back absolute.
 model.json is written through a temporary file and a rename, so a reader never
 sees half of one.
@@ -142,9 +143,11 @@ def gin_binds_model() -> bool:
   return bool(gin_bindings(SHAPE_FIELDS))
 
 
-def check_matches(model_dir, model_config: gpt.GPTConfig):
+def check_matches(model_dir, model_config: gpt.GPTConfig, vocabulary_spec=None):
   """UsageError naming the fields where `model_config` disagrees with MODEL_DIR's
-  model.json (nothing when there is none)."""
+  model.json (nothing when there is none), or naming both vocabularies when
+  `vocabulary_spec` is given and is not the one model.json records: a resumed
+  run keeps its vocabulary, or its checkpoints would decode with another."""
   stored = read(model_dir)
   if stored is None:
     return
@@ -152,6 +155,12 @@ def check_matches(model_dir, model_config: gpt.GPTConfig):
   if diff:
     raise UsageError(f"the model config does not match {model_dir}'s checkpoint "
                      f"({MODEL_JSON}): {', '.join(diff)}")
+  if vocabulary_spec is not None and stored[1] is not None:
+    directory = _path(model_dir)
+    if _load_spec(directory, _store_spec(directory, vocabulary_spec)) != stored[1]:
+      raise UsageError(f"vocabulary {vocabulary_spec!r} is not the one {model_dir} was "
+                       f"trained with ({stored[1]!r}, in {MODEL_JSON}); resume with it or "
+                       f"use another MODEL_DIR")
 
 
 def resolve(model_dir, model_config: gpt.GPTConfig | None = None):
@@ -160,6 +169,11 @@ def resolve(model_dir, model_config: gpt.GPTConfig | None = None):
   dtype, still taken from gin where bound), else gin's, checked against model.json.
   `model_config` stands for gin's when given."""
   stored = read(model_dir)
+  if model_config is None and stored is None and not gin_binds_model():
+    if not _path(model_dir).is_dir():
+      raise UsageError(f"{model_dir}: no such directory")
+    raise UsageError(f"{_path(model_dir) / MODEL_JSON} is missing, so the model's shape is "
+                     f"unknown: give the model's gin file (--gin_file=gin/models/...)")
   if model_config is None and stored is not None and not gin_binds_model():
     run_fields = [f.name for f in dataclasses.fields(gpt.GPTConfig)
                   if f.name not in SHAPE_FIELDS]

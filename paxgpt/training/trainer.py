@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paxgpt.model import accounting
+from paxgpt.model import info
 from paxgpt.store import checkpoint
 from paxgpt.model import gpt
 from paxgpt.store import model_dir as model_dir_lib
@@ -29,15 +30,26 @@ from paxgpt.store import run_lock
 from paxgpt.model import sharding
 from paxgpt.data import loader as data_lib
 from paxgpt.config.checks import check_types
-from paxgpt.errors import ConfigError, RunDirBusyError, UsageError
+from paxgpt.errors import ConfigError, RunDirBusyError, RunError, UsageError
 from paxgpt.training.metrics import MetricsWriter
 from paxgpt.progress import progress
 from paxgpt.training.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
                                evaluate_params, make_eval_step, make_train_step)
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or Inf; training stopped before saving that state."""
+class NonFiniteLossError(RunError):
+  """The loss became NaN or Inf; training stopped before saving that state (one
+  line on stderr, exit code 1, as every RunError)."""
+
+
+# The step counter and the schedule's step are int32 inside the compiled step.
+MAX_STEPS = 2**31 - 1
+
+
+def _check_step_count(name, value):
+  if value > MAX_STEPS:
+    raise ConfigError(f"{name}={value} exceeds {MAX_STEPS}, the most steps a run can count "
+                      f"(the step counter is int32)")
 
 
 @gin.configurable
@@ -94,6 +106,7 @@ class TrainConfig:
     for name in ("eval_every", "fewshot_every"):
       if getattr(self, name) < 0:
         raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+    _check_step_count("TrainConfig.num_steps", self.num_steps)
     object.__setattr__(self, "fewshot_tasks", tuple(self.fewshot_tasks))
 
 
@@ -156,6 +169,7 @@ def _with_batch_size(data_config, train_config):
 
 
 def _check_shapes(model_config, data_config, train_config, partitioner):
+  info.check_model_on_mesh(model_config, partitioner.axis_sizes)
   data_lib.check_model_vocab_size(data_config, model_config.vocab_size)
   if data_config.sequence_length > model_config.max_len:
     raise UsageError(f"DataConfig.sequence_length={data_config.sequence_length} exceeds "
@@ -183,29 +197,27 @@ class _Run:
     tokens_per_step = (self.data_config.batch_size * self.data_config.sequence_length
                        * train_config.batch_units)
     if train_config.train_tokens is not None:
-      train_config = dataclasses.replace(
-          train_config, num_steps=max(1, int(train_config.train_tokens // tokens_per_step)),
-          train_tokens=None)
+      steps = max(1, int(train_config.train_tokens // tokens_per_step))
+      _check_step_count(f"TrainConfig.train_tokens={train_config.train_tokens:g} / "
+                        f"{tokens_per_step} tokens per step", steps)
+      train_config = dataclasses.replace(train_config, num_steps=steps, train_tokens=None)
       self.cfg = train_config
+    if train_config.fewshot_tasks:  # a typo or a missing file fails now, not hours later
+      _check_fewshot(train_config)
     self.optimizer, self.schedule = optim.make_optimizer(opt_config, train_config.num_steps,
                                                          tokens_per_step)
     self.abstract = abstract_train_state(model_config, self.optimizer)
     self.shardings = partitioner.tree_shardings(self.abstract)
     self._steps = {}
     self.eval_step = make_eval_step(model_config, partitioner, self.shardings.params)
-    self.checkpointer = checkpoint.Checkpointer(self.model_dir, ckpt_config)
     self.data = data_lib.TrainIterator(self.data_config, partitioner)
+    self.checkpointer = checkpoint.Checkpointer(self.model_dir, ckpt_config)
     _, non_embedding = accounting.param_counts(gpt.abstract_variables(model_config))
     self.flops_per_token = accounting.flops_per_token(model_config, non_embedding,
                                                       self.data_config.sequence_length)
     self.chip = accounting.chip_of(jax.devices()[0])
     self.is_chief = jax.process_index() == 0
     self._fewshot_lm = None
-    if train_config.fewshot_tasks:  # a typo fails now, not after hours of training
-      from paxgpt.interop import lm_eval_model
-      lm_eval_model.check_tasks(lm_eval_model.tasks_manager_for(
-          train_config.fewshot_tasks, train_config.fewshot_include_path),
-          train_config.fewshot_tasks, train_config.fewshot_include_path)
 
   def step_fn(self, units):
     if units not in self._steps:
@@ -268,26 +280,39 @@ class _Run:
     self.checkpointer.save(step, state, self.data.state(), validation_loss)
 
 
+def _check_fewshot(cfg):
+  """The few-shot tasks' names, settings and data (paxgpt/interop/lm_eval_model.py)."""
+  from paxgpt.interop import lm_eval_model
+  lm_eval_model.check_settings(cfg.fewshot_num_fewshot, cfg.fewshot_limit,
+                               ("TrainConfig.fewshot_num_fewshot", "TrainConfig.fewshot_limit"))
+  manager = lm_eval_model.tasks_manager_for(cfg.fewshot_tasks, cfg.fewshot_include_path)
+  names = lm_eval_model.check_tasks(manager, cfg.fewshot_tasks, cfg.fewshot_include_path)
+  lm_eval_model.check_task_data(manager, names)
+
+
 def _check_finite(step, metrics):
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
+    rate = float(metrics["learning_rate"]) if "learning_rate" in metrics else None
+    at = "" if rate is None else f" (learning rate {rate:g})"
     raise NonFiniteLossError(
-        f"the loss is {loss} at step {step}; training stopped without saving this state "
-        f"(the last good checkpoint is kept). Lower the learning rate or check the data.")
+        f"the loss is {loss} at step {step}{at}; training stopped without saving this state "
+        f"(the last good checkpoint is kept). Lower OptimizerConfig.peak_learning_rate or "
+        f"check the data.")
   return loss
 
 
-def _model_config(model_dir, train_config, model_config):
+def _model_config(model_dir, train_config, model_config, vocabulary):
   """The model to train: `model_config`, else MODEL_DIR's model.json (a resumed
   run) or init_from's (fine-tuning) when gin binds no model, else gin's;
-  checked against what MODEL_DIR and init_from carry."""
+  checked against what MODEL_DIR (its vocabulary too) and init_from carry."""
   if model_config is None:
     source = model_dir if model_dir_lib.read(model_dir) else train_config.init_from
     model_config = (model_dir_lib.resolve(source)[0] if source
                     else gpt.GPTConfig())
-  for source in (model_dir, train_config.init_from):
-    if source:
-      model_dir_lib.check_matches(source, model_config)
+  model_dir_lib.check_matches(model_dir, model_config, vocabulary)
+  if train_config.init_from:
+    model_dir_lib.check_matches(train_config.init_from, model_config)
   return model_config
 
 
@@ -333,14 +358,21 @@ def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config
   start_time = time.time()
   cfg = train_config or TrainConfig()
   data_config = data_config or data_lib.DataConfig()
-  model_config = _model_config(model_dir, cfg, model_config)
-  if jax.process_index() == 0:  # the model's config travels with its checkpoints
-    model_dir_lib.write(model_dir, model_config, data_config.vocabulary, gin.config_str())
+  model_config = _model_config(model_dir, cfg, model_config, data_config.vocabulary)
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
   run = _Run(model_dir, model_config, data_config,
              optimizer_config or optim.OptimizerConfig(), cfg,
              checkpoint_config or checkpoint.CheckpointConfig(), partitioner)
   cfg = run.cfg  # with num_steps resolved from train_tokens
+  try:
+    state, validation_loss = run.initial_state()
+    # Written once every check passed and the resume (if any) was accepted: a
+    # refused run leaves MODEL_DIR's record of its checkpoints as it was.
+    if jax.process_index() == 0:  # the model's config travels with its checkpoints
+      model_dir_lib.write(model_dir, model_config, data_config.vocabulary, gin.config_str())
+  except BaseException:
+    run.checkpointer.close()
+    raise
   writer = MetricsWriter(run.model_dir, cfg.num_steps, enabled=run.is_chief)
   if lock.stale:
     writer.message(f"took over the lock of a run that ended without releasing it "
@@ -349,14 +381,13 @@ def _train(model_dir, mesh, on_step, model_config, data_config, optimizer_config
     import jax_smi
     jax_smi.initialise_tracking()
   try:
-    return _loop(run, writer, cfg, start_time, on_step, sigterm)
+    return _loop(run, writer, cfg, start_time, on_step, sigterm, state, validation_loss)
   finally:
     run.checkpointer.close()
     writer.close()
 
 
-def _loop(run, writer, cfg, start_time, on_step, sigterm):
-  state, validation_loss = run.initial_state()
+def _loop(run, writer, cfg, start_time, on_step, sigterm, state, validation_loss):
   step = int(state.step)
   for error in run.skipped:
     writer.message(f"skipped: {error}; moved to {checkpoint.UNRESTORABLE_SUBDIR}/")
@@ -400,6 +431,8 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
     record = run.validate(state.params) if evaluate else {}
     if evaluate:
       validation_loss = summary["validation_loss"] = record["validation_loss"]
+    if save:  # before few-shot scoring: its failure must not cost the step's checkpoint
+      run.save(state, step, validation_loss if evaluate else None)
     if fewshot:
       record.update(run.fewshot(state.params))
     if log:
@@ -410,8 +443,6 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm):
           "memory_bytes": _memory_bytes()})
       writer.write(step, record)
       interval_start, interval_tokens = time.time(), 0
-    if save:
-      run.save(state, step, validation_loss if evaluate else None)
     if out_of_time and step < cfg.num_steps:
       writer.message(f"time limit of {cfg.time_limit_s:g}s reached at step {step}")
       summary["stopped_by"] = "time_limit"
@@ -438,6 +469,9 @@ def evaluate(model_dir=gin.REQUIRED, *, mesh=None, step=None, model_config=None,
              data_config=None):
   """Validation loss and perplexity of the checkpoint `step` (default latest)
   of `model_dir`, restored onto `mesh`."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(model_dir)):
+    raise UsageError(f"MODEL_DIR={os.fspath(model_dir)!r} has no checkpoints (no "
+                     f"{checkpoint.CHECKPOINT_SUBDIR}/ directory)")
   spec = None
   if model_config is None:
     model_config, spec = model_dir_lib.resolve(model_dir)
@@ -450,16 +484,9 @@ def evaluate(model_dir=gin.REQUIRED, *, mesh=None, step=None, model_config=None,
       data_config = dataclasses.replace(
           data_config, sequence_length=min(data_config.sequence_length, model_config.max_len))
   partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-  if not os.path.isdir(checkpoint.checkpoint_dir(model_dir)):
-    raise UsageError(f"MODEL_DIR={os.fspath(model_dir)!r} has no checkpoints (no "
-                     f"{checkpoint.CHECKPOINT_SUBDIR}/ directory)")
-  checkpointer = checkpoint.Checkpointer(model_dir, read_only=True)
-  try:
-    step = checkpoint.resolve_step(checkpointer, model_dir, step)
-  finally:
-    checkpointer.close()
+  info.check_model_on_mesh(model_config, partitioner.axis_sizes)
   boxed = gpt.abstract_variables(model_config)["params"]
-  params = checkpoint.restore_params(model_dir, partitioner.abstract(boxed), step)
+  step, params = checkpoint.restore_params_at(model_dir, partitioner.abstract(boxed), step)
   eval_step = make_eval_step(model_config, partitioner, partitioner.tree_shardings(boxed))
   batches = progress(data_lib.eval_batches(data_config, partitioner), "eval",
                      total=data_config.eval_max_batches, unit="batches")
