@@ -35,6 +35,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 import kernels
 from paxgpt.model import sharding
@@ -42,7 +43,11 @@ from paxgpt.config.checks import check_types
 from paxgpt.errors import ConfigError
 
 ATTENTION_KINDS = ("dense", "banded")
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+# What a layer's backward pass keeps instead of recomputing (MaxText's names):
+# "full" keeps only each layer's input; "save_qkv_proj" also the q/k/v
+# projections; "save_dot_except_mlpwi" every projection but the MLP's first;
+# "dots_saveable" every matmul output (JAX's policy); "none" does not remat.
+REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlpwi", "dots_saveable")
 # Logit for the embedding's padding rows: never the argmax, never sampled,
 # and finite so that cross-entropy and temperature scaling stay NaN-free.
 PADDING_LOGIT = -1e9
@@ -159,6 +164,22 @@ def _constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+def _gathered(w, names):
+  """A weight as a matmul reads it: its embed axis whole, the FSDP all-gather made
+  explicit. Left to XLA's SPMD partitioner, a matmul between the tensor-split
+  residual stream and an fsdp-split weight, with the batch split over data and
+  fsdp both (data > 1), swaps the rows of the devices whose data and fsdp
+  indices differ (jax 0.10 and 0.12, seen running on the CPU compiler)."""
+  return _constrain(w, tuple(None if n == "embed" else n for n in names))
+
+
+def _gathered_dot(names):
+  """nn.Dense's dot_general for a kernel of logical `names`: see _gathered."""
+  def dot_general(lhs, rhs, *args, **kwargs):
+    return jax.lax.dot_general(lhs, _gathered(rhs, names), *args, **kwargs)
+  return dot_general
+
+
 def layer_norm(cfg, name):
   return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, scale_init=_ones(("embed",)),
@@ -197,11 +218,12 @@ class SelfAttention(nn.Module):
     def project(name):
       w = self.param(f"{name}_kernel", _init(cfg.init_std, ("embed", "heads", "kv")),
                      (cfg.d_model,) + heads, cfg.param_dtype)
-      y = jnp.einsum("bld,dhk->blhk", x, w.astype(cfg.dtype))
+      w = _gathered(w.astype(cfg.dtype), ("embed", "heads", "kv"))
+      y = jnp.einsum("bld,dhk->blhk", x, w)
       if cfg.qkv_bias:
         b = self.param(f"{name}_bias", _zeros(("heads", "kv")), heads, cfg.param_dtype)
         y = y + b.astype(cfg.dtype)
-      return _constrain(y, BATCH_LENGTH_HEADS_KV)
+      return checkpoint_name(_constrain(y, BATCH_LENGTH_HEADS_KV), f"{name}_proj")
 
     q, k, v = project("query"), project("key"), project("value")
     window = cfg.layer_window(self.kind)
@@ -218,7 +240,9 @@ class SelfAttention(nn.Module):
                                        ("heads", "kv", "embed")),
                    heads + (cfg.d_model,), cfg.param_dtype)
     b = self.param("out_bias", _zeros(("embed",)), (cfg.d_model,), cfg.param_dtype)
-    out = jnp.einsum("blhk,hkd->bld", out, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
+    w = _gathered(w.astype(cfg.dtype), ("heads", "kv", "embed"))
+    out = jnp.einsum("blhk,hkd->bld", out, w) + b.astype(cfg.dtype)
+    out = checkpoint_name(out, "out_proj")
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
 
   def _cache(self, batch, window):
@@ -285,12 +309,16 @@ class Mlp(nn.Module):
     cfg = self.config
     h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                  kernel_init=_init(cfg.init_std, ("embed", "mlp")),
-                 bias_init=_zeros(("mlp",)), name="wi")(x)
+                 bias_init=_zeros(("mlp",)), dot_general=_gathered_dot(("embed", "mlp")),
+                 name="wi")(x)
+    h = checkpoint_name(h, "mlpwi")
     h = _constrain(nn.gelu(h), ("activation_batch", "activation_length", "activation_mlp"))
     out = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                    kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.num_layers),
                                      ("mlp", "embed")),
-                   bias_init=_zeros(("embed",)), name="wo")(h)
+                   bias_init=_zeros(("embed",)), dot_general=_gathered_dot(("mlp", "embed")),
+                   name="wo")(h)
+    out = checkpoint_name(out, "mlpwo")
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
 
 
@@ -314,7 +342,12 @@ class Block(nn.Module):
 
 
 class Period(nn.Module):
-  """One period of the attention pattern (by default a dense and a banded block)."""
+  """One period of the attention pattern (by default a dense and a banded block).
+
+  Training remats each block on its own (`GPTConfig.remat_policy`): the backward
+  pass keeps every block's input and recomputes inside one block at a time, so
+  the recompute skips each block's last matmul (whose output only the residual
+  sum reads), as MaxText's per-layer remat does."""
   config: GPTConfig
   deterministic: bool = True
   decode: str | None = None
@@ -322,17 +355,30 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, x, segment_ids, cache_index=None):
+    # Decoding keeps no activations for a backward pass, so it never remats.
+    block = _remat(Block, "none" if self.decode else self.config.remat_policy,
+                   scanned=self.config.scan_layers)
     for i, kind in enumerate(self.config.attention_pattern):
-      x = Block(self.config, kind, self.deterministic, self.decode, self.cache_length,
+      x = block(self.config, kind, self.deterministic, self.decode, self.cache_length,
                 name=f"{i}_{kind}")(x, segment_ids, cache_index)
     return x, None
 
 
-def _remat(module_cls, policy):
+_SAVED_NAMES = {"save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
+                "save_dot_except_mlpwi": ("query_proj", "key_proj", "value_proj", "out_proj",
+                                          "mlpwo")}
+
+
+def _remat(module_cls, policy, scanned):
   if policy == "none":
     return module_cls
-  saveable = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}[policy]
-  return nn.remat(module_cls, policy=saveable, prevent_cse=False)
+  if policy in _SAVED_NAMES:
+    saveable = jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy])
+  else:
+    saveable = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}[policy]
+  # Inside a scan the recompute cannot be merged with the forward pass, so CSE may
+  # stay on; unrolled, XLA would fold the recompute back into the forward pass.
+  return nn.remat(module_cls, policy=saveable, prevent_cse=not scanned)
 
 
 class GPT(nn.Module):
@@ -375,10 +421,8 @@ class GPT(nn.Module):
     x = _constrain(x.astype(cfg.dtype), BATCH_LENGTH_EMBED)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
-    # Decoding keeps no activations for a backward pass, so it never remats.
-    period = _remat(Period, "none" if decode else cfg.remat_policy)
     if cfg.scan_layers:
-      stack = nn.scan(period, variable_axes={"params": 0, "cache": 0},
+      stack = nn.scan(Period, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast,
                       length=cfg.num_periods,
@@ -387,13 +431,14 @@ class GPT(nn.Module):
           x, segment_ids, cache_index)
     else:
       for i in range(cfg.num_periods):
-        x, _ = period(cfg, deterministic, decode, cache_length, name=f"layers_{i}")(
+        x, _ = Period(cfg, deterministic, decode, cache_length, name=f"layers_{i}")(
             x, segment_ids, cache_index)
 
     if decode == "prefill":  # left padding: every row's last prompt token is last
       x = x[:, -1:]
     x = layer_norm(cfg, "ln_final")(x)
-    logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype))
+    logits = jnp.einsum("bld,vd->blv", x,
+                        _gathered(embedding.astype(cfg.dtype), ("vocab", "embed")))
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     logits = logits.astype(jnp.float32)
     if cfg.padded_vocab_size > cfg.vocab_size or cfg.masked_ids:
