@@ -37,7 +37,7 @@ def model_gin():
 
 def _args(**kwargs):
   defaults = dict(mesh=None, batch=None, chip=None, topology=None, json=True, remat="full",
-                  mfu=0.4, seq_len=None)
+                  mfu=0.4, seq_len=None, flops="analytic")
   return argparse.Namespace(**{**defaults, **kwargs})
 
 
@@ -88,7 +88,8 @@ def test_gpt3_175b_on_256_fake_devices_matches_12_bytes_per_param():
     env["XLA_FLAGS"] = flags.strip()
   result = subprocess.run(
       [sys.executable, "-m", "paxgpt.cli", "plan", "--gin_file=gin/models/gpt3_175b.gin",
-       "--mesh=data:1,fsdp:64,tensor:4", "--batch=256", "--chip=v5p", "--json"],
+       "--mesh=data:1,fsdp:64,tensor:4", "--batch=256", "--chip=v5p", "--json",
+       "--flops=analytic"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])

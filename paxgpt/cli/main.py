@@ -82,6 +82,10 @@ COMMANDS = {
                                             help="rematerialisation policy (default full)")),
                            ("--mfu", dict(type=float, default=0.4,
                                           help="MFU assumed for the step time (default 0.4)")),
+                           ("--flops", dict(default="compiled", choices=("compiled", "analytic"),
+                                            help="also count the FLOPs per step with the "
+                                                 "compiler (two more compiles; default) or "
+                                                 "only analytically")),
                            ("--seq_len", dict(type=int, default=None,
                                               help="sequence length (default max_len)")))),
     "vocab": Command("vocab",

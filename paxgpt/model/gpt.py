@@ -48,6 +48,10 @@ ATTENTION_KINDS = ("dense", "banded")
 # projections; "save_dot_except_mlpwi" every projection but the MLP's first;
 # "dots_saveable" every matmul output (JAX's policy); "none" does not remat.
 REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlpwi", "dots_saveable")
+# What one remat wraps: each block ("layer", MaxText's granularity: the recompute
+# skips every block's last matmul) or each period of the attention pattern
+# ("period": one saved input per period, so less memory and more recompute).
+REMAT_SCOPES = ("layer", "period")
 # Logit for the embedding's padding rows: never the argmax, never sampled,
 # and finite so that cross-entropy and temperature scaling stay NaN-free.
 PADDING_LOGIT = -1e9
@@ -85,6 +89,7 @@ class GPTConfig:
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  remat_scope: str = "layer"
   attention_backend: str | None = None
   attention_interpret: bool = False
   layer_norm_epsilon: float = 1e-5
@@ -123,6 +128,9 @@ class GPTConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"GPTConfig.remat_policy={self.remat_policy!r} is not one of "
                         f"{REMAT_POLICIES}")
+    if self.remat_scope not in REMAT_SCOPES:
+      raise ConfigError(f"GPTConfig.remat_scope={self.remat_scope!r} is not one of "
+                        f"{REMAT_SCOPES}")
     if self.attention_backend not in (None,) + kernels.BACKENDS:
       raise ConfigError(f"GPTConfig.attention_backend={self.attention_backend!r} is not one "
                         f"of {kernels.BACKENDS} or None")
@@ -353,10 +361,11 @@ class Block(nn.Module):
 class Period(nn.Module):
   """One period of the attention pattern (by default a dense and a banded block).
 
-  Training remats each block on its own (`GPTConfig.remat_policy`): the backward
-  pass keeps every block's input and recomputes inside one block at a time, so
-  the recompute skips each block's last matmul (whose output only the residual
-  sum reads), as MaxText's per-layer remat does."""
+  Training remats each block on its own (`GPTConfig.remat_policy`, with
+  remat_scope "layer"): the backward pass keeps every block's input and
+  recomputes inside one block at a time, so the recompute skips each block's last
+  matmul (whose output only the residual sum reads), as MaxText's per-layer remat
+  does. With remat_scope "period" GPT remats the whole period instead."""
   config: GPTConfig
   deterministic: bool = True
   decode: str | None = None
@@ -364,8 +373,7 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, x, segment_ids, cache_index=None):
-    # Decoding keeps no activations for a backward pass, so it never remats.
-    block = _remat(Block, "none" if self.decode else self.config.remat_policy,
+    block = _remat(Block, _remat_policy(self.config, self.decode, "layer"),
                    scanned=self.config.scan_layers)
     for i, kind in enumerate(self.config.attention_pattern):
       x = block(self.config, kind, self.deterministic, self.decode, self.cache_length,
@@ -376,6 +384,12 @@ class Period(nn.Module):
 _SAVED_NAMES = {"save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
                 "save_dot_except_mlpwi": ("query_proj", "key_proj", "value_proj", "out_proj",
                                           "mlpwo")}
+
+
+def _remat_policy(config, decode, scope):
+  """The remat policy of a module of `scope`: decoding keeps no activations for a
+  backward pass, so it never remats; only the configured scope remats."""
+  return config.remat_policy if not decode and config.remat_scope == scope else "none"
 
 
 def _remat(module_cls, policy, scanned):
@@ -423,15 +437,19 @@ class GPT(nn.Module):
     pos_embedding = self.param("position_embedding", _init(cfg.init_std, ("length", "embed")),
                                (cfg.max_len, cfg.d_model), cfg.param_dtype)
     # Gather from tables whose embed axis is whole (as FSDP gathers any weight
-    # before use); a gather from an embed-sharded table makes XLA replicate.
-    table = _constrain(embedding, ("vocab", "activation_embed"))
-    pos_table = _constrain(pos_embedding, ("length", "activation_embed"))
+    # before use); a gather from an embed-sharded table makes XLA replicate. The
+    # tables are cast first, so the FSDP all-gather moves (and keeps) the compute
+    # dtype, and the token table is the same array the logits read.
+    compute_table = embedding.astype(cfg.dtype)
+    table = _constrain(compute_table, ("vocab", "activation_embed"))
+    pos_table = _constrain(pos_embedding.astype(cfg.dtype), ("length", "activation_embed"))
     x = jnp.take(table, tokens, axis=0) + jnp.take(pos_table, positions, axis=0)
-    x = _constrain(x.astype(cfg.dtype), BATCH_LENGTH_EMBED)
+    x = _constrain(x, BATCH_LENGTH_EMBED)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
+    period = _remat(Period, _remat_policy(cfg, decode, "period"), scanned=cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(Period, variable_axes={"params": 0, "cache": 0},
+      stack = nn.scan(period, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast,
                       length=cfg.num_periods,
@@ -440,14 +458,13 @@ class GPT(nn.Module):
           x, segment_ids, cache_index)
     else:
       for i in range(cfg.num_periods):
-        x, _ = Period(cfg, deterministic, decode, cache_length, name=f"layers_{i}")(
+        x, _ = period(cfg, deterministic, decode, cache_length, name=f"layers_{i}")(
             x, segment_ids, cache_index)
 
     if decode == "prefill":  # left padding: every row's last prompt token is last
       x = x[:, -1:]
     x = layer_norm(cfg, "ln_final")(x)
-    logits = jnp.einsum("bld,vd->blv", x,
-                        _gathered(embedding.astype(cfg.dtype), ("vocab", "embed")))
+    logits = jnp.einsum("bld,vd->blv", x, _gathered(compute_table, ("vocab", "embed")))
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     logits = logits.astype(jnp.float32)
     if cfg.padded_vocab_size > cfg.vocab_size or cfg.masked_ids:

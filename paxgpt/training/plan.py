@@ -374,7 +374,7 @@ def _default_batch(batch_shards, seq_len):
 
 
 def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REMAT,
-         mfu=DEFAULT_MFU, seq_len=None):
+         mfu=DEFAULT_MFU, seq_len=None, count_flops=True):
   """The figures of `paxgpt plan` for gin's GPTConfig (see the module docstring)."""
   if not 0 < mfu <= 1:
     raise UsageError(f"--mfu={mfu}: expected a fraction in (0, 1]")
@@ -397,7 +397,8 @@ def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REM
   batch = batch or _default_batch(sharding.shard_count("batch", axis_sizes), seq_len)
   if batch < 1:
     raise UsageError(f"--batch={batch}: must be positive")
-  return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu)
+  return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu,
+                      count_flops=count_flops)
 
 
 def format_report(r):
