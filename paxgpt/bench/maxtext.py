@@ -73,6 +73,12 @@ ROWS = {
                 ("model_name=gpt3-6b", "override_model_config=true", "base_emb_dim=4096",
                  "base_num_query_heads=32", "base_num_kv_heads=32", "base_mlp_dim=16384",
                  "base_num_decoder_layers=32", "head_dim=128", "vocab_size=50304")),
+    # A small mesh with tensor 4, quick to compile (the --collectives check).
+    "xl": Row("GPT-3 XL", "gpt3_xl", "v5p", "2x2x2", "v5p-16",
+              {"data": 1, "fsdp": 2, "tensor": 4}, 16,
+              ("model_name=gpt3-6b", "override_model_config=true", "base_emb_dim=2048",
+               "base_num_query_heads=16", "base_num_kv_heads=16", "base_mlp_dim=8192",
+               "base_num_decoder_layers=24", "head_dim=128", "vocab_size=50304")),
 }
 
 # Runs in MaxText's venv: its train_compile entry point, with the compiled step
