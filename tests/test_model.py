@@ -110,11 +110,13 @@ def _loss_and_grads(config, params, tokens):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
-def test_remat_policies_keep_gradients(policy):
+@pytest.mark.parametrize("policy, scope", [
+    ("full", "layer"), ("dots_saveable", "layer"), ("save_qkv_proj", "layer"),
+    ("save_dot_except_mlpwi", "layer"), ("full", "period")])
+def test_remat_policies_keep_gradients(policy, scope):
   params, tokens = init(tiny())
   l0, g0 = _loss_and_grads(tiny(), params, tokens)
-  l1, g1 = _loss_and_grads(tiny(remat_policy=policy), params, tokens)
+  l1, g1 = _loss_and_grads(tiny(remat_policy=policy, remat_scope=scope), params, tokens)
   assert float(l0) == pytest.approx(float(l1), abs=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(a, b, atol=1e-6)

@@ -61,7 +61,7 @@ def plan(args):
   from paxgpt.training import plan as plan_lib
   report = plan_lib.plan(mesh_flag=args.mesh, batch=args.batch, chip=args.chip,
                          topology=args.topology, remat=args.remat, mfu=args.mfu,
-                         seq_len=args.seq_len)
+                         seq_len=args.seq_len, count_flops=args.flops == "compiled")
   print(json.dumps(report) if args.json else plan_lib.format_report(report))
   return 0
 

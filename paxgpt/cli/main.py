@@ -79,11 +79,16 @@ COMMANDS = {
                            ("--chip", dict(default=None, help="v4|v5e|v5p|v6e|h100|h200")),
                            ("--topology", dict(default=None,
                                                help="TPU topology, e.g. 4x4x8 (needs libtpu)")),
-                           ("--remat", dict(default="full", choices=("none", "full",
-                                                                     "dots_saveable"),
+                           ("--remat", dict(default="full", choices=(
+                               "none", "full", "save_qkv_proj", "save_dot_except_mlpwi",
+                               "dots_saveable"),  # gpt.REMAT_POLICIES (main imports no JAX)
                                             help="rematerialisation policy (default full)")),
                            ("--mfu", dict(type=float, default=0.4,
                                           help="MFU assumed for the step time (default 0.4)")),
+                           ("--flops", dict(default="compiled", choices=("compiled", "analytic"),
+                                            help="also count the FLOPs per step with the "
+                                                 "compiler (two more compiles; default) or "
+                                                 "only analytically")),
                            ("--seq_len", dict(type=int, default=None,
                                               help="sequence length (default max_len)")))),
     "vocab": Command("vocab",

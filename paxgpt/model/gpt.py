@@ -35,6 +35,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 import kernels
 from paxgpt.model import sharding
@@ -42,7 +43,15 @@ from paxgpt.config.checks import check_types
 from paxgpt.errors import ConfigError
 
 ATTENTION_KINDS = ("dense", "banded")
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+# What a layer's backward pass keeps instead of recomputing (MaxText's names):
+# "full" keeps only each layer's input; "save_qkv_proj" also the q/k/v
+# projections; "save_dot_except_mlpwi" every projection but the MLP's first;
+# "dots_saveable" every matmul output (JAX's policy); "none" does not remat.
+REMAT_POLICIES = ("none", "full", "save_qkv_proj", "save_dot_except_mlpwi", "dots_saveable")
+# What one remat wraps: each block ("layer", MaxText's granularity: the recompute
+# skips every block's last matmul) or each period of the attention pattern
+# ("period": one saved input per period, so less memory and more recompute).
+REMAT_SCOPES = ("layer", "period")
 # Logit for the embedding's padding rows: never the argmax, never sampled,
 # and finite so that cross-entropy and temperature scaling stay NaN-free.
 PADDING_LOGIT = -1e9
@@ -80,6 +89,7 @@ class GPTConfig:
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  remat_scope: str = "layer"
   attention_backend: str | None = None
   attention_interpret: bool = False
   layer_norm_epsilon: float = 1e-5
@@ -118,6 +128,9 @@ class GPTConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"GPTConfig.remat_policy={self.remat_policy!r} is not one of "
                         f"{REMAT_POLICIES}")
+    if self.remat_scope not in REMAT_SCOPES:
+      raise ConfigError(f"GPTConfig.remat_scope={self.remat_scope!r} is not one of "
+                        f"{REMAT_SCOPES}")
     if self.attention_backend not in (None,) + kernels.BACKENDS:
       raise ConfigError(f"GPTConfig.attention_backend={self.attention_backend!r} is not one "
                         f"of {kernels.BACKENDS} or None")
@@ -159,6 +172,31 @@ def _constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+def _gathered(w, names):
+  """A weight as a matmul reads it, its embed axis whole (the FSDP all-gather made
+  explicit) where the batch is split over more than one mesh axis. There, left to
+  XLA's SPMD partitioner, a matmul between the tensor-split residual stream and an
+  fsdp-split weight swaps the rows of the devices whose data and fsdp indices
+  differ (jax 0.10 and 0.12, seen running on the CPU compiler). Elsewhere the
+  partitioner is right and, left alone, keeps less gathered (0.4 GiB per chip for
+  175B on fsdp 64 x tensor 4)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return w
+  batch_axes = nn.logical_to_mesh_axes(("activation_batch",))[0] or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  if sum(mesh.shape[a] > 1 for a in batch_axes) < 2:
+    return w
+  return _constrain(w, tuple(None if n == "embed" else n for n in names))
+
+
+def _gathered_dot(names):
+  """nn.Dense's dot_general for a kernel of logical `names`: see _gathered."""
+  def dot_general(lhs, rhs, *args, **kwargs):
+    return jax.lax.dot_general(lhs, _gathered(rhs, names), *args, **kwargs)
+  return dot_general
+
+
 def layer_norm(cfg, name):
   return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, scale_init=_ones(("embed",)),
@@ -197,11 +235,12 @@ class SelfAttention(nn.Module):
     def project(name):
       w = self.param(f"{name}_kernel", _init(cfg.init_std, ("embed", "heads", "kv")),
                      (cfg.d_model,) + heads, cfg.param_dtype)
-      y = jnp.einsum("bld,dhk->blhk", x, w.astype(cfg.dtype))
+      w = _gathered(w.astype(cfg.dtype), ("embed", "heads", "kv"))
+      y = jnp.einsum("bld,dhk->blhk", x, w)
       if cfg.qkv_bias:
         b = self.param(f"{name}_bias", _zeros(("heads", "kv")), heads, cfg.param_dtype)
         y = y + b.astype(cfg.dtype)
-      return _constrain(y, BATCH_LENGTH_HEADS_KV)
+      return checkpoint_name(_constrain(y, BATCH_LENGTH_HEADS_KV), f"{name}_proj")
 
     q, k, v = project("query"), project("key"), project("value")
     window = cfg.layer_window(self.kind)
@@ -218,7 +257,9 @@ class SelfAttention(nn.Module):
                                        ("heads", "kv", "embed")),
                    heads + (cfg.d_model,), cfg.param_dtype)
     b = self.param("out_bias", _zeros(("embed",)), (cfg.d_model,), cfg.param_dtype)
-    out = jnp.einsum("blhk,hkd->bld", out, w.astype(cfg.dtype)) + b.astype(cfg.dtype)
+    w = _gathered(w.astype(cfg.dtype), ("heads", "kv", "embed"))
+    out = _constrain(jnp.einsum("blhk,hkd->bld", out, w), BATCH_LENGTH_EMBED)
+    out = checkpoint_name(out + b.astype(cfg.dtype), "out_proj")
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
 
   def _cache(self, batch, window):
@@ -285,12 +326,16 @@ class Mlp(nn.Module):
     cfg = self.config
     h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                  kernel_init=_init(cfg.init_std, ("embed", "mlp")),
-                 bias_init=_zeros(("mlp",)), name="wi")(x)
+                 bias_init=_zeros(("mlp",)), dot_general=_gathered_dot(("embed", "mlp")),
+                 name="wi")(x)
+    h = checkpoint_name(h, "mlpwi")
     h = _constrain(nn.gelu(h), ("activation_batch", "activation_length", "activation_mlp"))
     out = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                    kernel_init=_init(cfg.init_std / math.sqrt(2 * cfg.num_layers),
                                      ("mlp", "embed")),
-                   bias_init=_zeros(("embed",)), name="wo")(h)
+                   bias_init=_zeros(("embed",)), dot_general=_gathered_dot(("mlp", "embed")),
+                   name="wo")(h)
+    out = checkpoint_name(_constrain(out, BATCH_LENGTH_EMBED), "mlpwo")
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
 
 
@@ -314,7 +359,13 @@ class Block(nn.Module):
 
 
 class Period(nn.Module):
-  """One period of the attention pattern (by default a dense and a banded block)."""
+  """One period of the attention pattern (by default a dense and a banded block).
+
+  Training remats each block on its own (`GPTConfig.remat_policy`, with
+  remat_scope "layer"): the backward pass keeps every block's input and
+  recomputes inside one block at a time, so the recompute skips each block's last
+  matmul (whose output only the residual sum reads), as MaxText's per-layer remat
+  does. With remat_scope "period" GPT remats the whole period instead."""
   config: GPTConfig
   deterministic: bool = True
   decode: str | None = None
@@ -322,17 +373,35 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, x, segment_ids, cache_index=None):
+    block = _remat(Block, _remat_policy(self.config, self.decode, "layer"),
+                   scanned=self.config.scan_layers)
     for i, kind in enumerate(self.config.attention_pattern):
-      x = Block(self.config, kind, self.deterministic, self.decode, self.cache_length,
+      x = block(self.config, kind, self.deterministic, self.decode, self.cache_length,
                 name=f"{i}_{kind}")(x, segment_ids, cache_index)
     return x, None
 
 
-def _remat(module_cls, policy):
+_SAVED_NAMES = {"save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
+                "save_dot_except_mlpwi": ("query_proj", "key_proj", "value_proj", "out_proj",
+                                          "mlpwo")}
+
+
+def _remat_policy(config, decode, scope):
+  """The remat policy of a module of `scope`: decoding keeps no activations for a
+  backward pass, so it never remats; only the configured scope remats."""
+  return config.remat_policy if not decode and config.remat_scope == scope else "none"
+
+
+def _remat(module_cls, policy, scanned):
   if policy == "none":
     return module_cls
-  saveable = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}[policy]
-  return nn.remat(module_cls, policy=saveable, prevent_cse=False)
+  if policy in _SAVED_NAMES:
+    saveable = jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy])
+  else:
+    saveable = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}[policy]
+  # Inside a scan the recompute cannot be merged with the forward pass, so CSE may
+  # stay on; unrolled, XLA would fold the recompute back into the forward pass.
+  return nn.remat(module_cls, policy=saveable, prevent_cse=not scanned)
 
 
 class GPT(nn.Module):
@@ -368,15 +437,17 @@ class GPT(nn.Module):
     pos_embedding = self.param("position_embedding", _init(cfg.init_std, ("length", "embed")),
                                (cfg.max_len, cfg.d_model), cfg.param_dtype)
     # Gather from tables whose embed axis is whole (as FSDP gathers any weight
-    # before use); a gather from an embed-sharded table makes XLA replicate.
-    table = _constrain(embedding, ("vocab", "activation_embed"))
-    pos_table = _constrain(pos_embedding, ("length", "activation_embed"))
+    # before use); a gather from an embed-sharded table makes XLA replicate. The
+    # tables are cast first, so the FSDP all-gather moves (and keeps) the compute
+    # dtype, and the token table is the same array the logits read.
+    compute_table = embedding.astype(cfg.dtype)
+    table = _constrain(compute_table, ("vocab", "activation_embed"))
+    pos_table = _constrain(pos_embedding.astype(cfg.dtype), ("length", "activation_embed"))
     x = jnp.take(table, tokens, axis=0) + jnp.take(pos_table, positions, axis=0)
-    x = _constrain(x.astype(cfg.dtype), BATCH_LENGTH_EMBED)
+    x = _constrain(x, BATCH_LENGTH_EMBED)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
-    # Decoding keeps no activations for a backward pass, so it never remats.
-    period = _remat(Period, "none" if decode else cfg.remat_policy)
+    period = _remat(Period, _remat_policy(cfg, decode, "period"), scanned=cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(period, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
@@ -393,7 +464,7 @@ class GPT(nn.Module):
     if decode == "prefill":  # left padding: every row's last prompt token is last
       x = x[:, -1:]
     x = layer_norm(cfg, "ln_final")(x)
-    logits = jnp.einsum("bld,vd->blv", x, embedding.astype(cfg.dtype))
+    logits = jnp.einsum("bld,vd->blv", x, _gathered(compute_table, ("vocab", "embed")))
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     logits = logits.astype(jnp.float32)
     if cfg.padded_vocab_size > cfg.vocab_size or cfg.masked_ids:

@@ -20,7 +20,11 @@ from paxgpt.errors import UsageError
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Kept as data (MaxText's base.yml, t5x's rules).
-# `activation_*` names are for activations: their embed axis stays unsharded.
+# `activation_*` names are for activations. The residual stream between blocks
+# (`activation_embed`) is split over `tensor` like MaxText's: a block gathers it
+# before its first matmuls and reduce-scatters its output projections, the two
+# halves of the all-reduce plain tensor parallelism does, so the collectives
+# move the same bytes while each device keeps 1/tensor of every saved layer input.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -32,7 +36,7 @@ LOGICAL_AXIS_RULES = (
     ("layers", None),
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
-    ("activation_embed", None),
+    ("activation_embed", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_heads", "tensor"),
     ("activation_kv", None),

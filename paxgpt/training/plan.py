@@ -90,10 +90,12 @@ def cpu_devices(count):
 
 # ---------------------------------------------------------------- train step
 
-def _trainer_step(config, partitioner, batch_size, seq_len):
+def _trainer_step(config, partitioner, batch_size, seq_len, num_microbatches=None):
   """The trainer's own jitted train step (GPT-3 optimizer, gin's TrainConfig
-  microbatches) and its abstract arguments."""
+  microbatches unless `num_microbatches` says) and its abstract arguments."""
   train_config = trainer.TrainConfig()
+  if num_microbatches is not None:
+    train_config = dataclasses.replace(train_config, num_microbatches=num_microbatches)
   micro, shards = train_config.num_microbatches, partitioner.shards("batch")
   if batch_size % micro or (batch_size // micro) % shards:
     raise UsageError(f"--batch={batch_size} in TrainConfig.num_microbatches={micro} "
@@ -120,7 +122,8 @@ def bytes_on_one_device(tree):
   return total
 
 
-def lower_train_step(config, devices, axis_sizes, batch_size, seq_len):
+def lower_train_step(config, devices, axis_sizes, batch_size, seq_len, num_microbatches=None,
+                     rules=sharding.LOGICAL_AXIS_RULES):
   """(lowered step, sharded abstract params, sharded abstract optimizer state)."""
   if len(devices) != math.prod(axis_sizes.values()):
     raise sharding.MeshError(
@@ -134,9 +137,9 @@ def lower_train_step(config, devices, axis_sizes, batch_size, seq_len):
   if seq_len > config.max_len:
     raise UsageError(f"--seq_len={seq_len} exceeds the model's max_len={config.max_len}")
   mesh = sharding.make_mesh(**axis_sizes, devices=devices)
-  partitioner = sharding.Partitioner(mesh)
+  partitioner = sharding.Partitioner(mesh, rules)
   step, abstract_args, params, opt_state = _trainer_step(config, partitioner, batch_size,
-                                                        seq_len)
+                                                        seq_len, num_microbatches)
   lowered = step.lower(*abstract_args)  # ShardedStep traces under the mesh and rules
   return lowered, params, opt_state
 
@@ -155,8 +158,9 @@ _TPU_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
 
 
 def compile_plan(config, devices, axis_sizes, batch_size, seq_len, chip, mfu=DEFAULT_MFU,
-                 compiler_options=None):
-  """Compile the train step on `devices` and return the plan's figures as a dict."""
+                 compiler_options=None, count_flops=True):
+  """Compile the train step on `devices` and return the plan's figures as a dict
+  (with `count_flops`, also the compiler's FLOPs per step: flop_figures)."""
   lowered, params, opt_state = lower_train_step(config, devices, axis_sizes, batch_size,
                                                 seq_len)
   try:
@@ -164,10 +168,15 @@ def compile_plan(config, devices, axis_sizes, batch_size, seq_len, chip, mfu=DEF
   except jax.errors.JaxRuntimeError as err:
     if "RESOURCE_EXHAUSTED" not in str(err):
       raise
-    return _out_of_memory_figures(str(err), params, opt_state, config, devices, axis_sizes,
-                                  batch_size, seq_len, chip, mfu)
-  return plan_figures(compiled, params, opt_state, config, devices, axis_sizes, batch_size,
-                      seq_len, chip, mfu)
+    report = _out_of_memory_figures(str(err), params, opt_state, config, devices, axis_sizes,
+                                    batch_size, seq_len, chip, mfu)
+  else:
+    report = plan_figures(compiled, params, opt_state, config, devices, axis_sizes, batch_size,
+                          seq_len, chip, mfu)
+  if count_flops:
+    report.update(flop_figures(config, devices, axis_sizes, batch_size, seq_len,
+                               report["flops_per_step"]))
+  return report
 
 
 def _out_of_memory_figures(message, params, opt_state, config, devices, axis_sizes,
@@ -228,10 +237,129 @@ def plan_figures(compiled, params, opt_state, config, devices, axis_sizes, batch
       "hbm_bytes_per_device": spec["hbm_bytes"] if spec else None,
       "fits": (total <= spec["hbm_bytes"]) if spec else None,
       "flops_per_token": flops_per_token,
+      "num_periods": config.num_periods,
       "flops_per_step": flops_per_step,
       "mfu": mfu,
       "step_time_s": step_time,
   }
+
+
+# ---------------------------------------------------------------- FLOPs per step
+
+# Next to matmuls on FSDP meshes the TPU compiler turns all-gathers and
+# reduce-scatters into windowed-einsum loops, whose bodies cost_analysis counts
+# once: the compiles that count FLOPs turn those loops off.
+_TPU_FLOP_COUNT_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                           "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+FLOPS_SOURCE = ("compiler: the train step with 1 and 2 unrolled periods, no microbatch loop "
+                "(F1, F2); per step = F1 + (periods - 1) (F2 - F1)")
+
+
+def program_flops(compiled, num_devices):
+  """The compiler's FLOP count of a compiled SPMD program, over all devices. XLA
+  counts the body of a while loop (a scan over periods or microbatches) once,
+  whatever its trip count: a scanned model's count is one period's."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list on older jax
+  return float(cost["flops"]) * num_devices
+
+
+_COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-done)?\(.*?replica_groups=(\S+)")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.-]+) \(.*\) -> .* \{\s*$")
+
+
+def _group_size(groups):
+  """Devices per replica group, from HLO's replica_groups text."""
+  if groups.startswith("{{"):
+    return groups[2:].split("}")[0].count(",") + 1
+  if groups.startswith("["):  # iota form: [groups, size]<=[...]
+    return int(groups[1:].split("]")[0].split(",")[-1])
+  if groups.startswith("mesh["):  # mesh['a'=2,'b'=4] {'b'}: the named axes' sizes
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", groups.split("]")[0]))
+    named = re.findall(r"'(\w+)'", groups.split("]", 1)[1]) if "{" in groups else []
+    return math.prod(int(sizes[a]) for a in named) if named else math.prod(
+        int(v) for v in sizes.values())
+  return 1
+
+
+def collective_bytes(hlo_text):
+  """{kind: bytes one device sends} of a compiled program's collectives, by the ring
+  counts: all-reduce 2 (n - 1) / n of its size, all-gather and reduce-scatter
+  (n - 1) / n of the gathered size, all-to-all (n - 1) / n, a permute all of it.
+  The TPU compiler writes a reduce-scatter as an all-reduce inside an
+  `all-reduce-scatter` fusion. Loop bodies count once, as FLOPs do."""
+  totals = {}
+  computation = ""
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+      continue
+    found = _COLLECTIVE.search(line)
+    if not found:
+      continue
+    shapes, kind, groups = found.group(1), found.group(2), found.group(4)
+    size = sum(_ITEMSIZE.get(dtype, 1) * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(shapes))
+    n = _group_size(groups)
+    if n <= 1:
+      continue
+    if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
+      kind = "reduce-scatter"
+    share = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(kind, (n - 1) / n)
+    totals[kind] = totals.get(kind, 0.0) + share * size
+  return totals
+
+
+_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+             "s32": 4, "u32": 4, "s64": 8, "u64": 8, "pred": 1}
+
+
+def counted_per_step(config, devices, axis_sizes, batch_size, seq_len,
+                     rules=sharding.LOGICAL_AXIS_RULES):
+  """What the compiler counts for the step, every layer included (FLOPS_SOURCE):
+  {"flops", "flops_per_period", "flops_outside_periods", "collective_bytes"} where
+  collective_bytes is {kind: bytes one device sends per step} (collective_bytes()).
+  The periods are alike, so one period costs C2 - C1 and everything else
+  (embeddings, logits, loss, the optimizer on the other weights) C1 - (C2 - C1)."""
+  options = _TPU_FLOP_COUNT_OPTIONS if devices[0].platform == "tpu" else None
+  flops, sent = [], []
+  for periods in (1, 2):
+    unrolled = dataclasses.replace(config, scan_layers=False,
+                                   num_layers=periods * len(config.attention_pattern))
+    lowered, _, _ = lower_train_step(unrolled, devices, axis_sizes, batch_size, seq_len,
+                                     num_microbatches=1, rules=rules)
+    compiled = lowered.compile(options)
+    flops.append(program_flops(compiled, len(devices)))
+    sent.append(collective_bytes(compiled.as_text()))
+  per_step = lambda one, two: one + (config.num_periods - 1) * (two - one)
+  kinds = sorted(set(sent[0]) | set(sent[1]))
+  return {"flops": per_step(*flops), "flops_per_period": flops[1] - flops[0],
+          "flops_outside_periods": 2 * flops[0] - flops[1],
+          "collective_bytes": {k: per_step(sent[0].get(k, 0.0), sent[1].get(k, 0.0))
+                               for k in kinds}}
+
+
+def flop_figures(config, devices, axis_sizes, batch_size, seq_len, analytic_flops_per_step):
+  """The plan's FLOPs fields: the compiler's count per step (None where even the
+  two-period step does not fit), where it came from, and its ratio to the analytic
+  count (accounting.flops_per_token: 6N + attention), which is what remat adds."""
+  try:
+    counted = counted_per_step(config, devices, axis_sizes, batch_size, seq_len)
+  except jax.errors.JaxRuntimeError as err:
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    counted = dict.fromkeys(("flops", "flops_per_period", "flops_outside_periods",
+                             "collective_bytes"))
+  total = counted["flops"]
+  return {"flops_per_step_compiled": total,
+          "flops_per_period_compiled": counted["flops_per_period"],
+          "flops_outside_periods_compiled": counted["flops_outside_periods"],
+          "flops_source": FLOPS_SOURCE,
+          "flops_compiled_over_analytic": (total / analytic_flops_per_step) if total else None,
+          "collective_bytes_per_step_per_device": counted["collective_bytes"]}
 
 
 def _default_batch(batch_shards, seq_len):
@@ -246,7 +374,7 @@ def _default_batch(batch_shards, seq_len):
 
 
 def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REMAT,
-         mfu=DEFAULT_MFU, seq_len=None):
+         mfu=DEFAULT_MFU, seq_len=None, count_flops=True):
   """The figures of `paxgpt plan` for gin's GPTConfig (see the module docstring)."""
   if not 0 < mfu <= 1:
     raise UsageError(f"--mfu={mfu}: expected a fraction in (0, 1]")
@@ -269,7 +397,8 @@ def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REM
   batch = batch or _default_batch(sharding.shard_count("batch", axis_sizes), seq_len)
   if batch < 1:
     raise UsageError(f"--batch={batch}: must be positive")
-  return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu)
+  return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu,
+                      count_flops=count_flops)
 
 
 def format_report(r):
@@ -288,9 +417,19 @@ def format_report(r):
       f"  temporaries           {gib(r['temp_bytes_per_device'])} per device",
       f"  total                 {gib(r['total_bytes_per_device'])} per device "
       f"(arguments + outputs - donated + temporaries)",
-      f"  FLOPs per step        {r['flops_per_step']:.4g} "
-      f"({r['flops_per_token']:.4g} per token)",
+      f"  FLOPs per step        {r['flops_per_step']:.4g} analytic "
+      f"({r['flops_per_token']:.4g} per token: 6N + attention)",
   ]
+  if r.get("flops_per_step_compiled"):
+    lines.append(
+        f"                        {r['flops_per_step_compiled']:.4g} compiled "
+        f"({r['flops_outside_periods_compiled']:.4g} + {r['num_periods']} periods x "
+        f"{r['flops_per_period_compiled']:.4g}), {r['flops_compiled_over_analytic']:.3f}x "
+        f"the analytic count (the recompute of remat {r['remat_policy']})")
+  if r.get("collective_bytes_per_step_per_device"):
+    sent = r["collective_bytes_per_step_per_device"]
+    lines.append(f"  collectives per step   {gib(sum(sent.values())).strip()} sent per device ("
+                 + ", ".join(f"{k} {gib(v).strip()}" for k, v in sent.items()) + ")")
   if r.get("compiler_error"):
     lines.append(f"  the compiler refused it: {r['compiler_error']}")
   if r["hbm_bytes_per_device"]:
