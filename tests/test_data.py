@@ -308,16 +308,23 @@ def test_mixture_rows_follow_the_rates_and_resume_exactly(tmp_path, partitioner)
       np.testing.assert_array_equal(got[f], reference[step][f][[3, 6]], err_msg=f"{step} {f}")
 
 
-def test_gin_configures_the_data_and_registers_a_text_files_task(tmp_path):
+def test_gin_configures_the_data_and_registers_text_files_tasks_and_a_mixture(tmp_path):
   import gin
   (tmp_path / "notes.txt").write_text("first\n\nsecond\n")
+  (tmp_path / "more.txt").write_text("third\n")
   try:
     gin.parse_config(f"""
-      DataConfig.mixture_or_task = @tasks.text_files_task()
-      tasks.text_files_task.name = 'gin_notes'
-      tasks.text_files_task.train_files = ['{tmp_path}/*.txt']
-      tasks.text_files_task.validation_files = '{tmp_path}/notes.txt'
-      tasks.text_files_task.documents = 'blank_line'
+      DataConfig.mixture_or_task = @tasks.mixture()
+      tasks.mixture.name = 'gin_mix'
+      tasks.mixture.tasks_and_rates = [(@notes/tasks.text_files_task(), 3.0),
+                                       (@more/tasks.text_files_task(), 1.0)]
+      notes/tasks.text_files_task.name = 'gin_notes'
+      notes/tasks.text_files_task.train_files = ['{tmp_path}/notes.txt']
+      notes/tasks.text_files_task.validation_files = '{tmp_path}/notes.txt'
+      notes/tasks.text_files_task.documents = 'blank_line'
+      more/tasks.text_files_task.name = 'gin_more'
+      more/tasks.text_files_task.train_files = '{tmp_path}/more.txt'
+      more/tasks.text_files_task.validation_files = '{tmp_path}/more.txt'
       DataConfig.sequence_length = 32
       DataConfig.batch_size = 16
     """)
@@ -325,7 +332,9 @@ def test_gin_configures_the_data_and_registers_a_text_files_task(tmp_path):
   finally:
     gin.clear_config()
   assert (config.mixture_or_task, config.sequence_length, config.batch_size) == (
-      "gin_notes", 32, 16)
+      "gin_mix", 32, 16)
+  mix = seqio.get_mixture_or_task("gin_mix")
+  assert {t.name: mix.get_rate(t) for t in mix.tasks} == {"gin_notes": 3.0, "gin_more": 1.0}
   source = seqio.get_mixture_or_task("gin_notes").source
   assert list(source.documents("validation")) == ["first", "second"]
 
