@@ -66,17 +66,13 @@ import seqio
 import tasks
 from paxgpt.config.checks import check_types
 from paxgpt.data import streams
-from paxgpt.data.streams import FEATURES, DataError
+from paxgpt.data.streams import FEATURES, DataError  # noqa: F401  (the loader's API)
 from paxgpt.model.sharding import Partitioner
 
 STATE_FORMAT = 2  # 1: per-process positions (before row streams)
 # Row streams by default at most: as many processes share the work without overlap;
 # more streams cost each process more pipelines (and shuffle buffers) of its own.
 DEFAULT_MAX_STREAMS = 64
-
-__all__ = ["DataConfig", "DataError", "FEATURES", "TrainIterator", "check_model_vocab_size",
-           "check_process_count", "eval_batches", "get_vocabulary", "vocab_size"]
-
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +86,7 @@ class DataConfig:
   batch_size: rows per step over all processes.
   seed: shuffling (and mixing) seed; the same seed gives the same batches.
   shuffle_buffer: examples in each row stream's shuffle buffer (a process holds
-    those of its streams: row_streams / processes of them).
+    the buffers of the streams it packs).
   row_streams: independent packed streams that make up the batch, a divisor of
     batch_size (None: the largest divisor up to 64, so runs of up to 64 processes
     share the work without overlap). A process packs the streams of its rows:
