@@ -277,6 +277,14 @@ def test_bad_names_and_files_are_clear_errors(tmp_path, partitioner):
     next(loader.TrainIterator(config, partitioner))
   with pytest.raises(loader.DataError, match=r"bad\.jsonl line 2: not JSON"):
     list(loader.eval_batches(config, partitioner))
+  few = tmp_path / "few.jsonl"
+  few.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)))
+  name = tasks.text_files_task(name="few_docs", train_files=str(few), validation_files=str(few))
+  with pytest.raises(loader.DataError, match=r"^task 'few_docs' split 'train' has no examples "
+                                             r"for a row stream of 8; it needs at least 8 "
+                                             r"documents, one per row stream \(fewer: set "
+                                             r"DataConfig.row_streams lower\)\.?$"):
+    next(loader.TrainIterator(dataclass_replace(config, mixture_or_task=name), partitioner))
 
 
 def test_mixture_rows_follow_the_rates_and_resume_exactly(tmp_path, partitioner):

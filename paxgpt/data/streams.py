@@ -230,6 +230,9 @@ def read_errors_clearly(iterator, what):
       return
     except tf.errors.OpError as e:
       first_line = re.sub(r"^\{\{[^}]*\}\}\s*", "", e.message.strip().split("\n", 1)[0])
+      check = re.search(r"assertion failed: \[(.*?)\s*\]\s*\[Condition", first_line)
+      if check:  # one of the pipeline's own checks (an empty row stream): its message
+        raise DataError(check.group(1).replace("\\'", "'")) from None
       raise DataError(f"reading {what}: {first_line}") from None
     yield item
 
