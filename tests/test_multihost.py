@@ -18,6 +18,7 @@ the batch) is one line and exit code 2. The runs are shared by the tests below
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQUENCE_LENGTH = 64
 STEPS = 6
-LIMIT_S = 480
+LIMIT_S = 900  # generous: the machine running the suite may be shared
 
 EXPERIMENT = """
 include 'gin/models/gpt3_tiny.gin'
@@ -100,7 +101,8 @@ def _env(devices):
 
 
 def _start(processes, devices, log_dir, *args):
-  """`paxgpt ARGS` on `processes` x `devices`: a Popen whose output is process 0's."""
+  """`paxgpt ARGS` on `processes` x `devices`: a Popen (its own process group) whose
+  output is process 0's."""
   if processes == 1:
     command = [sys.executable, "-m", "paxgpt.cli", *args]
   else:
@@ -108,15 +110,22 @@ def _start(processes, devices, log_dir, *args):
                "--devices", str(devices), "--timeout", str(LIMIT_S), "--log_dir",
                str(log_dir), "--", *args]
   return subprocess.Popen(command, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _finish(runs):
-  """{name: (returncode, stdout, stderr)} once every run of a group has ended."""
+  """{name: (returncode, stdout, stderr)} once every run of a group has ended; the
+  runs still going are killed if one overruns."""
   done = {}
-  for name, process in runs.items():
-    out, err = process.communicate(timeout=LIMIT_S + 60)
-    done[name] = (process.returncode, out, err)
+  try:
+    for name, process in runs.items():
+      out, err = process.communicate(timeout=LIMIT_S + 60)
+      done[name] = (process.returncode, out, err)
+  finally:
+    for process in runs.values():
+      if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
   return done
 
 

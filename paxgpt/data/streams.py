@@ -157,8 +157,8 @@ def train_rows(config, split: str, stream_ids, positions) -> tf.data.Dataset:
   SOURCE. `positions[i]` is stream_ids[i]'s position (see `start_position`).
 
   One tf.data pipeline for all of them: each stream's shards are elements of a
-  dataset that an interleave turns into rows, so the packing graph is traced once
-  whatever the number of streams."""
+  dataset that a (parallel, deterministic) interleave turns into rows, so the
+  packing graph is traced once whatever the number of streams."""
   pairs = sources(config, split)
   width = 1 + 2 * len(pairs)
   count, per_batch = config.num_streams, config.batch_size // config.num_streams
@@ -188,8 +188,8 @@ def train_rows(config, split: str, stream_ids, positions) -> tf.data.Dataset:
     choices = tf.data.Dataset.range(position[0], 2**62).map(pick)
     return tf.data.Dataset.choose_from_datasets(parts, choices)
   rows = elements.interleave(tf.autograph.experimental.do_not_convert(stream_rows),
-                             cycle_length=len(stream_ids),
-                             block_length=per_batch)
+                             cycle_length=len(stream_ids), block_length=per_batch,
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _deterministic(rows)
 
 
