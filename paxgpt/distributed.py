@@ -21,9 +21,10 @@ other process (`wait_for_peers`), and each other process connects and says hello
 naming the address (and, on process 0, the missing process ids); the
 initialisation timeout bounds the rest of the handshake.
 
-After start-up every process runs the same program: each reads its own data shard
-(paxgpt/data/loader.py uses jax.process_index()), all take part in Orbax checkpoint
-writes, and only process 0 (`jax.process_index() == 0`) writes logs and summaries.
+After start-up every process runs the same program: each packs the rows of the
+global batch that its devices hold (paxgpt/data/loader.py: the same batches on any
+process count), all take part in Orbax checkpoint writes, and only process 0
+(`jax.process_index() == 0`) writes logs and summaries.
 """
 from __future__ import annotations
 

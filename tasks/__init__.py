@@ -5,7 +5,8 @@ Importing registers (idempotently):
   c4_gpt3        C4 English (TFDS c4/en) with Pax's GPT-3 preprocessing
   c4_pydoc_mix   an example mixture of the two
 and `text_files_task(...)` registers users' .txt / .jsonl files (gin:
-`DataConfig.mixture_or_task = @tasks.text_files_task()`).
+`DataConfig.mixture_or_task = @tasks.text_files_task()`), `mixture(...)` a mixture of
+registered tasks with rates (gin: `@tasks.mixture()`).
 
 Every name is registered with the byte vocabulary; `task_name_for(name, spec)` gives
 (and registers on first use) the variant for another vocabulary spec.

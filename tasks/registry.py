@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import gin
 import seqio
 
 from tasks import vocabularies
@@ -56,6 +57,18 @@ def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) ->
       seqio.MixtureRegistry.remove(registered)
   seqio.MixtureRegistry.add(name, list(tasks_and_rates))
   return name
+
+
+@gin.configurable(module="tasks")
+def mixture(name: str = gin.REQUIRED, tasks_and_rates=gin.REQUIRED) -> str:
+  """`register_mixture` for gin; returns `name`:
+
+    DataConfig.mixture_or_task = @tasks.mixture()
+    tasks.mixture.name = 'books_and_code'
+    tasks.mixture.tasks_and_rates = [(@books/tasks.text_files_task(), 3.0),
+                                     (@code/tasks.text_files_task(), 1.0)]
+  """
+  return register_mixture(name, [tuple(pair) for pair in tasks_and_rates])
 
 
 def known_names() -> list[str]:

@@ -103,7 +103,8 @@ def documents_in_file(path: str, documents: str = "file",
 
 class TextFilesSource(seqio.DataSource):
   """Documents from files; with no validation files, split 90/10 by document hash.
-  Shards by document index (every process reads the file list, keeps its share)."""
+  Shards by file when there are enough files, else by document index (every reader
+  reads every file and keeps its share)."""
 
   def __init__(self, train_files: Sequence[str], validation_files: Sequence[str] | None,
                documents: str, text_field: str, validation_fraction: float):
@@ -124,9 +125,13 @@ class TextFilesSource(seqio.DataSource):
 
   def documents(self, split: str, file_order_seed: int | None = None,
                 shard_index: int = 0, num_shards: int = 1) -> Iterator[str]:
+    """The split's documents; a shard is every num_shards-th file when there are
+    that many files (reading only its own), else every num_shards-th document."""
     files = list(self._files[split])
     if file_order_seed is not None:
       files = [files[i] for i in np.random.default_rng(file_order_seed).permutation(len(files))]
+    if len(files) >= num_shards > 1:
+      files, shard_index, num_shards = files[shard_index::num_shards], 0, 1
     index = 0
     for path in files:
       for doc in documents_in_file(path, self._documents, self._text_field):

@@ -8,7 +8,7 @@ import pytest
 import seqio
 
 import tasks
-from paxgpt.data import loader
+from paxgpt.data import loader, streams
 from paxgpt.model.sharding import Partitioner, make_mesh
 from tasks import pydoc_topics
 
@@ -101,8 +101,15 @@ def small_corpus_task(tmp_path, name, n_docs=40):
                                validation_files=str(path)), docs
 
 
+def stream_texts(batches, vocab, rows):
+  """The decoded document pieces of `rows` of each batch, in stream order."""
+  return [vocab.decode(p) for b in batches for r in rows
+          for p in segments({k: v[r:r + 1] for k, v in b.items()})]
+
+
 def test_resume_gives_the_batches_of_an_uninterrupted_run(tmp_path, partitioner):
-  # A corpus of ~25 rows per epoch, so 12 batches of 8 cross epoch boundaries.
+  # 40 short documents; one row stream per row, each with 5 of them (about 2 rows
+  # an epoch), so 12 batches cross several epochs of every stream.
   name, docs = small_corpus_task(tmp_path, "resume_corpus")
   config = loader.DataConfig(mixture_or_task=name, sequence_length=L, batch_size=8, seed=7)
   uninterrupted = loader.TrainIterator(config, partitioner)
@@ -111,26 +118,32 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(tmp_path, partitioner)
     states.append(json.loads(json.dumps(uninterrupted.state())))  # as a checkpoint keeps it
     reference.append(as_numpy(next(uninterrupted)))
   assert [s["batches"] for s in states] == list(range(12))
-  epochs = [s["positions"][0][0] for s in states]
-  assert epochs[0] == 0 and epochs[-1] >= 2
-  for k in (3, 7):  # mid-epoch, and in a later epoch (the k=0 case is `uninterrupted`)
-    resumed = loader.TrainIterator(config, partitioner)
-    resumed.restore(states[k])
-    for step in range(k, 12):
-      got = as_numpy(next(resumed))
-      for f in loader.FEATURES:
-        np.testing.assert_array_equal(got[f], reference[step][f], err_msg=f"step {step} {f}")
-  # Epochs: each one holds every document exactly once, in a new order.
+  assert [len(s["positions"]) for s in states] == [8] * 12  # a position per row stream
+  assert [p[0] for p in states[7]["positions"]] == [7] * 8  # rows read: one a batch
+  assert min(p[1] for p in states[7]["positions"]) >= 1  # every stream is past an epoch
+  assert any(p[2] for p in states[7]["positions"])  # and some are in mid-epoch
+  resumed = loader.TrainIterator(config, partitioner)
+  resumed.restore(states[7])
+  for step in range(7, 12):
+    got = as_numpy(next(resumed))
+    for f in loader.FEATURES:
+      np.testing.assert_array_equal(got[f], reference[step][f], err_msg=f"step {step} {f}")
+  # Row r of every batch is stream r: every 8th document from the r-th (seqio's
+  # sharding), each epoch all of them once, in a new order (every document fits in
+  # one row: one piece each).
   vocab = loader.get_vocabulary(config)
-  texts = [vocab.decode(p) for b in reference for p in segments(b)]
-  per_epoch = len(docs)  # every document fits in one row: one piece each
-  assert sorted(texts[:per_epoch]) == sorted(docs)
-  assert sorted(texts[per_epoch:2 * per_epoch]) == sorted(docs)
-  assert texts[:per_epoch] != texts[per_epoch:2 * per_epoch]
+  first_epochs = []
+  for r in (0, 5):
+    mine, texts = docs[r::8], stream_texts(reference, vocab, [r])
+    n = len(mine)
+    assert sorted(texts[:n]) == sorted(texts[n:2 * n]) == sorted(mine)
+    assert texts[:n] != texts[n:2 * n]
+    first_epochs += texts[:n]
+  assert not set(first_epochs[:5]) & set(first_epochs[5:])  # the streams' shards are disjoint
   # The seed decides the order (the same seed gave the same batches above).
-  other = loader.TrainIterator(dataclass_replace(config, seed=8), partitioner)
-  assert not np.array_equal(as_numpy(next(other))["decoder_target_tokens"],
-                            reference[0]["decoder_target_tokens"])
+  other = loader.HostRows(dataclass_replace(config, seed=8), "train", [0])
+  other_rows = [next(other)["decoder_target_tokens"][0] for _ in range(2)]
+  assert not np.array_equal(other_rows, [b["decoder_target_tokens"][0] for b in reference[:2]])
 
 
 def dataclass_replace(config, **changes):
@@ -138,28 +151,100 @@ def dataclass_replace(config, **changes):
   return dataclasses.replace(config, **changes)
 
 
+def test_global_batches_do_not_depend_on_the_mesh_or_on_who_reads_a_stream(tmp_path):
+  """The same global batches after a resume on another layout: 4 devices as fsdp 4,
+  as data 2 x tensor 2 (rows replicated over tensor), one device; and a reader of
+  only some row streams (what a process of a multi-host run runs) gets those rows of
+  the same batches, with fewer streams than rows too."""
+  import jax
+  name, _ = small_corpus_task(tmp_path, "layout_corpus")
+  user, _ = small_corpus_task(tmp_path, "layout_corpus_b", n_docs=24)
+  tasks.registry.register_mixture("layout_mix", [(name, 1.0), (user, 1.0)])
+  config = loader.DataConfig(mixture_or_task="layout_mix", sequence_length=L, batch_size=4,
+                             seed=1, shuffle_buffer=64)
+  four = jax.devices()[:4]
+  meshes = [Partitioner(make_mesh(fsdp=4, devices=four)),
+            Partitioner(make_mesh(data=2, fsdp=1, tensor=2, devices=four)),
+            Partitioner(make_mesh(fsdp=1, devices=four[:1]))]
+  fsdp4 = loader.TrainIterator(config, meshes[0])
+  reference = [as_numpy(next(fsdp4)) for _ in range(6)]
+  saved = fsdp4.state()
+  reference += [as_numpy(next(fsdp4)) for _ in range(2)]
+  for partitioner in meshes[1:]:
+    moved = loader.TrainIterator(config, partitioner)
+    moved.restore(saved)
+    for step in (6, 7):
+      batch = next(moved)
+      assert batch["decoder_target_tokens"].sharding == partitioner.sharding(("batch", "length"))
+      for f in loader.FEATURES:
+        np.testing.assert_array_equal(np.asarray(batch[f]), reference[step][f])
+    assert moved.resume_note().startswith(" on 1 process × ")
+    assert "(saved on 1 process × 4 devices, mesh fsdp:4)" in moved.resume_note()
+  # A reader of streams 1 and 3 only: rows 1 and 3 of the same batches.
+  some = loader.HostRows(config, "train", [1, 3])
+  for step in range(4):
+    rows = next(some)
+    for f in loader.FEATURES:
+      np.testing.assert_array_equal(rows[f], reference[step][f][[1, 3]])
+  # Two streams of two rows each: a reader of stream 1 gets rows 2 and 3 of them.
+  two = dataclass_replace(config, row_streams=2)
+  whole = loader.TrainIterator(two, meshes[0])
+  halves = loader.HostRows(two, "train", [1])
+  for _ in range(3):
+    np.testing.assert_array_equal(next(halves)["decoder_target_tokens"],
+                                  np.asarray(next(whole)["decoder_target_tokens"])[2:])
+
+
 def test_restore_refuses_a_state_from_other_settings(partitioner):
   config = loader.DataConfig(sequence_length=L, batch_size=8, shuffle_buffer=64)
   train = loader.TrainIterator(config, partitioner)
   saved = train.state()
-  with pytest.raises(loader.DataError, match="batch_size: saved 16, now 8"):
+  with pytest.raises(loader.DataError, match="batch_size: saved 16, now 8.*"
+                                             "DataConfig.restore_position=False"):
     train.restore({**saved, "batch_size": 16})
+  with pytest.raises(loader.DataError, match="row_streams: saved 2, now 8"):
+    train.restore({**saved, "row_streams": 2})
   with pytest.raises(loader.DataError, match="format"):
     train.restore({**saved, "format": 99})
+  with pytest.raises(loader.DataError, match="row_streams=4 must divide"):
+    loader.DataConfig(batch_size=6, row_streams=4)
 
 
-def test_two_processes_read_disjoint_shards_that_make_up_the_split():
-  config = loader.DataConfig(sequence_length=128, batch_size=8)
-  full, shards = [], [[], []]
-  for b in loader.HostBatches(config, "validation", seqio.ShardInfo(0, 1), 8, repeat=False):
-    full += segments(b)
-  for i in range(2):
-    for b in loader.HostBatches(config, "validation", seqio.ShardInfo(i, 2), 4, repeat=False):
-      shards[i] += segments(b)
-  assert max(collections.Counter(full).values()) == 1  # pieces are distinguishable
-  assert shards[0] and shards[1]
-  assert not set(shards[0]) & set(shards[1])
-  assert collections.Counter(shards[0]) + collections.Counter(shards[1]) == collections.Counter(full)
+def test_a_checkpoint_of_the_per_process_loader_resumes_or_says_what_to_do(partitioner):
+  """Data states of format 1 (before the global stream): one process's position is
+  row stream 0 of 1, which continues exactly; several processes' cannot be."""
+  config = loader.DataConfig(sequence_length=L, batch_size=8, shuffle_buffer=64, row_streams=1)
+  run = loader.TrainIterator(config, partitioner)
+  for _ in range(3):
+    next(run)
+  now = run.state()
+  expected = [as_numpy(next(run))["decoder_target_tokens"] for _ in range(2)]
+  # What the per-process loader saved after 3 batches on one process.
+  old = {"format": 1, "batches": 3, "positions": now["positions"], "process_count": 1,
+         **{k: now[k] for k in ("mixture_or_task", "vocabulary", "sequence_length",
+                                "batch_size", "seed", "shuffle_buffer", "split")}}
+  resumed = loader.TrainIterator(config, partitioner)
+  resumed.restore(old)
+  for want in expected:
+    np.testing.assert_array_equal(as_numpy(next(resumed))["decoder_target_tokens"], want)
+  per_row = loader.TrainIterator(dataclass_replace(config, row_streams=None), partitioner)
+  with pytest.raises(loader.DataError, match=r"continue it exactly with "
+                                             r"DataConfig.row_streams=1, or set "
+                                             r"DataConfig.restore_position=False"):
+    per_row.restore(old)
+  two = {**old, "process_count": 2, "positions": now["positions"] * 2}
+  with pytest.raises(loader.DataError, match=r"saved per process \(2 processes\).*resume "
+                                             r"with the paxgpt that wrote it on 2 processes, "
+                                             r"or set DataConfig.restore_position=False"):
+    resumed.restore(two)
+  # restore_position=False: the stream starts afresh, whatever the saved state.
+  fresh = loader.TrainIterator(dataclass_replace(config, restore_position=False), partitioner)
+  fresh.restore(two)
+  first = loader.TrainIterator(config, partitioner)
+  np.testing.assert_array_equal(as_numpy(next(fresh))["decoder_target_tokens"],
+                                as_numpy(next(first))["decoder_target_tokens"])
+  assert fresh.resume_note().endswith("the data stream starts afresh "
+                                      "(DataConfig.restore_position=False)")
 
 
 def test_gpt2_vocabulary_spec_feeds_the_same_pipeline(tmp_path, partitioner):
@@ -192,6 +277,14 @@ def test_bad_names_and_files_are_clear_errors(tmp_path, partitioner):
     next(loader.TrainIterator(config, partitioner))
   with pytest.raises(loader.DataError, match=r"bad\.jsonl line 2: not JSON"):
     list(loader.eval_batches(config, partitioner))
+  few = tmp_path / "few.jsonl"
+  few.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)))
+  name = tasks.text_files_task(name="few_docs", train_files=str(few), validation_files=str(few))
+  with pytest.raises(loader.DataError, match=r"^task 'few_docs' split 'train' has no examples "
+                                             r"for a row stream of 8; it needs at least 8 "
+                                             r"documents, one per row stream \(fewer: set "
+                                             r"DataConfig.row_streams lower\)\.?$"):
+    next(loader.TrainIterator(dataclass_replace(config, mixture_or_task=name), partitioner))
 
 
 def test_mixture_rows_follow_the_rates_and_resume_exactly(tmp_path, partitioner):
@@ -209,29 +302,37 @@ def test_mixture_rows_follow_the_rates_and_resume_exactly(tmp_path, partitioner)
   user_rows = sum(all(vocab.decode(p).startswith("doc ") for p in segments(
       {k: v[r:r + 1] for k, v in b.items()})) for b in reference for r in range(8))
   assert 0.6 < user_rows / 80 < 0.9  # rate 3/4
-  # Position: rows read, then (epoch, row) per task in the mixture's order.
-  order = [task.name for task, _ in loader.sources(config, "train")]
-  final = run.state()["positions"][0]
-  user_epoch, pydoc_epoch = (final[1 + 2 * order.index(n)] for n in (user, "pydoc_topics"))
-  assert final[0] == 80 and pydoc_epoch == 0 and user_epoch >= 1  # the user corpus wrapped
-  resumed = loader.TrainIterator(config, partitioner)
-  resumed.restore(states[6])
+  # Position per row stream: rows read, then (epoch, row) per task in the mixture's order.
+  order = [task.name for task, _ in streams.sources(config, "train")]
+  final = run.state()["positions"]
+  assert [p[0] for p in final] == [10] * 8
+  epochs = {n: [p[1 + 2 * order.index(n)] for p in final] for n in (user, "pydoc_topics")}
+  assert epochs["pydoc_topics"] == [0] * 8 and max(epochs[user]) >= 1  # 5 documents wrap
+  resumed = loader.HostRows(config, "train", [3, 6])  # two streams: as a process would
+  resumed.seek({r: states[6]["positions"][r] for r in (3, 6)})
   for step in range(6, 10):
-    got = as_numpy(next(resumed))
+    got = next(resumed)
     for f in loader.FEATURES:
-      np.testing.assert_array_equal(got[f], reference[step][f], err_msg=f"step {step} {f}")
+      np.testing.assert_array_equal(got[f], reference[step][f][[3, 6]], err_msg=f"{step} {f}")
 
 
-def test_gin_configures_the_data_and_registers_a_text_files_task(tmp_path):
+def test_gin_configures_the_data_and_registers_text_files_tasks_and_a_mixture(tmp_path):
   import gin
   (tmp_path / "notes.txt").write_text("first\n\nsecond\n")
+  (tmp_path / "more.txt").write_text("third\n")
   try:
     gin.parse_config(f"""
-      DataConfig.mixture_or_task = @tasks.text_files_task()
-      tasks.text_files_task.name = 'gin_notes'
-      tasks.text_files_task.train_files = ['{tmp_path}/*.txt']
-      tasks.text_files_task.validation_files = '{tmp_path}/notes.txt'
-      tasks.text_files_task.documents = 'blank_line'
+      DataConfig.mixture_or_task = @tasks.mixture()
+      tasks.mixture.name = 'gin_mix'
+      tasks.mixture.tasks_and_rates = [(@notes/tasks.text_files_task(), 3.0),
+                                       (@more/tasks.text_files_task(), 1.0)]
+      notes/tasks.text_files_task.name = 'gin_notes'
+      notes/tasks.text_files_task.train_files = ['{tmp_path}/notes.txt']
+      notes/tasks.text_files_task.validation_files = '{tmp_path}/notes.txt'
+      notes/tasks.text_files_task.documents = 'blank_line'
+      more/tasks.text_files_task.name = 'gin_more'
+      more/tasks.text_files_task.train_files = '{tmp_path}/more.txt'
+      more/tasks.text_files_task.validation_files = '{tmp_path}/more.txt'
       DataConfig.sequence_length = 32
       DataConfig.batch_size = 16
     """)
@@ -239,7 +340,9 @@ def test_gin_configures_the_data_and_registers_a_text_files_task(tmp_path):
   finally:
     gin.clear_config()
   assert (config.mixture_or_task, config.sequence_length, config.batch_size) == (
-      "gin_notes", 32, 16)
+      "gin_mix", 32, 16)
+  mix = seqio.get_mixture_or_task("gin_mix")
+  assert {t.name: mix.get_rate(t) for t in mix.tasks} == {"gin_notes": 3.0, "gin_more": 1.0}
   source = seqio.get_mixture_or_task("gin_notes").source
   assert list(source.documents("validation")) == ["first", "second"]
 

@@ -152,6 +152,19 @@ def test_text_files_hash_split_is_disjoint_and_complete(tmp_path):
   assert sorted(sum(shards, [])) == sorted(train)
 
 
+def test_text_files_shard_by_file_when_there_are_enough_files(tmp_path):
+  for i in range(4):
+    write(tmp_path / f"part{i}.jsonl", "".join(json.dumps({"text": f"file {i} doc {j}"}) + "\n"
+                                               for j in range(3)))
+  name = tasks.text_files_task(name="parts", train_files=str(tmp_path / "*.jsonl"),
+                               validation_files=str(tmp_path / "part0.jsonl"))
+  source = seqio.get_mixture_or_task(name).source
+  shards = [list(source.documents("train", shard_index=i, num_shards=2)) for i in range(2)]
+  assert shards == [[f"file {i} doc {j}" for i in (0, 2) for j in range(3)],
+                    [f"file {i} doc {j}" for i in (1, 3) for j in range(3)]]
+  assert len(list(source.documents("train", shard_index=4, num_shards=5))) == 2  # by document
+
+
 def test_text_files_bad_input_names_the_file_and_line(tmp_path):
   with pytest.raises(text_files.TextFilesError, match=r"no such file: .*/missing\.txt"):
     tasks.text_files_task(name="bad", train_files=str(tmp_path / "missing.txt"))

@@ -14,15 +14,14 @@ import os
 import threading
 
 import numpy as np
-import seqio
 
 BASELINE_FILE = "baseline.json"
 
 
 def segments(data_config, split):
   """The token sequences (document pieces) of one split, as the model sees them."""
-  from paxgpt.data import loader
-  rows = loader.eval_rows(data_config, split, seqio.ShardInfo(0, 1))
+  from paxgpt.data import streams
+  rows = streams.eval_rows(data_config, split)
   out = []
   for row in rows.as_numpy_iterator():
     targets, segs, weights = (row["decoder_target_tokens"], row["decoder_segment_ids"],

@@ -169,6 +169,7 @@ def _with_batch_size(data_config, train_config):
 
 
 def _check_shapes(model_config, data_config, train_config, partitioner):
+  data_lib.check_process_count(data_config)  # first: a resume on another process count
   info.check_model_on_mesh(model_config, partitioner.axis_sizes)
   data_lib.check_model_vocab_size(data_config, model_config.vocab_size)
   if data_config.sequence_length > model_config.max_len:
@@ -392,7 +393,9 @@ def _loop(run, writer, cfg, start_time, on_step, sigterm, state, validation_loss
   for error in run.skipped:
     writer.message(f"skipped: {error}; moved to {checkpoint.UNRESTORABLE_SUBDIR}/")
   if step:
-    writer.message(f"resumed from {run.checkpointer.directory} at step {step}")
+    # Where it runs now, if that moved (processes, devices, mesh), and the data's fate.
+    writer.message(f"resumed from {run.checkpointer.directory} at step {step}"
+                   f"{run.data.resume_note()}")
     writer.resumed(step)
   baseline = None
   if cfg.report_baseline and run.is_chief:
