@@ -211,9 +211,11 @@ def top_p_mask(logits, p):
 def choose_tokens(logits, rows: SamplingRows, step, seen, banned, rules=Rules()):
   """The next token of every row: argmax for temperature 0, else a sample.
 
-  seen: [batch, vocab] bool, read when rules.penalty; banned: [batch, vocab]
-  bool or None (nothing banned). Each rule `rules` leaves off is skipped, which
-  is exact: on every row it would have been the identity."""
+  step: the number of tokens each row generated before this one (a scalar or
+  [batch]), folded into its PRNG key; seen: [batch, vocab] bool, read when
+  rules.penalty; banned: [batch, vocab] bool or None (nothing banned). Each rule
+  `rules` leaves off is skipped, which is exact: on every row it would have been
+  the identity."""
   if rules.penalty:
     logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
   if banned is not None:
@@ -229,7 +231,9 @@ def choose_tokens(logits, rows: SamplingRows, step, seen, banned, rules=Rules())
     scaled = top_k_mask(scaled, rows.top_k, rules.top_k)
   if rules.top_p:
     scaled = top_p_mask(scaled, rows.top_p)
-  keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(rows.keys)
+  steps = jnp.broadcast_to(step, rows.keys.shape[:1])
+  keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(rows.keys,
+                                                                                   steps)
   sampled = jax.vmap(jax.random.categorical)(keys, scaled)
   return jnp.where(rows.temperature > 0, sampled, greedy).astype(jnp.int32)
 
@@ -462,6 +466,38 @@ def init_params(config, partitioner, seed=0):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
+def decode_params(params, config, partitioner, *, consume=False):
+  """`params` in the unrolled layer layout decoding uses (GPTConfig.scan_layers=
+  False); an unrolled tree is returned as is. A scanned tree is converted: with
+  one jitted copy, or with `consume`, leaf by leaf, deleting each stacked array
+  as soon as its periods are sliced out, so the peak is one copy of the weights
+  plus one leaf (the caller's tree is spent)."""
+  if "layers" not in params:
+    return params
+  config = dataclasses.replace(config, scan_layers=False)
+  _, shardings = abstract_params(config, partitioner)
+  periods = config.num_periods
+  if not consume:
+    with partitioner.activate():
+      return jax.jit(functools.partial(gpt_model.unstack_layers, num_periods=periods),
+                     out_shardings=shardings)(params)
+  tree = dict(params)
+  leaves, treedef = jax.tree.flatten(tree.pop("layers"))
+  targets = [jax.tree.leaves(shardings[f"layers_{i}"]) for i in range(periods)]
+  split = {}
+  for j in range(len(leaves)):
+    stacked, leaves[j] = leaves[j], None
+    out = tuple(t[j] for t in targets)
+    key = (stacked.shape, stacked.dtype, out)
+    if key not in split:
+      split[key] = jax.jit(lambda x: tuple(x[i] for i in range(periods)), out_shardings=out)
+    leaves[j] = split[key](stacked)
+    stacked.delete()
+  for i in range(periods):
+    tree[f"layers_{i}"] = treedef.unflatten([parts[i] for parts in leaves])
+  return tree
+
+
 @dataclasses.dataclass
 class DecodeRun:
   """A batch being decoded (host side): what `Decoder.decode` continues."""
@@ -493,10 +529,11 @@ class Decoder:
   def _in_layout(self, params):
     if ("layers" in params) == self.config.scan_layers:
       return params
-    convert = gpt_model.unstack_layers if "layers" in params else gpt_model.stack_layers
+    if not self.config.scan_layers:
+      return decode_params(params, self.config, self.partitioner)
     _, shardings = abstract_params(self.config, self.partitioner)
     with self.partitioner.activate():
-      return jax.jit(functools.partial(convert, num_periods=self.config.num_periods),
+      return jax.jit(functools.partial(gpt_model.stack_layers, num_periods=self.config.num_periods),
                      out_shardings=shardings)(params)
 
   def _program(self, key, make):

@@ -578,7 +578,8 @@ def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
     params, nbytes = stream_params(weights, model_type, cfg, partitioner)
     _save_params(staging, params)
     del params
-    model_dir_lib.write(staging, cfg, spec, _gin_text(cfg, hf_dir))
+    # Prompts start as transformers' generate(tokenizer(prompt)) has them: no EOS first.
+    model_dir_lib.write(staging, cfg, spec, _gin_text(cfg, hf_dir), prompt_start="none")
     _finish(staging, model_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,8 @@ and taken over. The file is never deleted, only emptied on release: deleting it
 would let two runs lock two different files of the same name.
 
 A multi-host run is one owner: only process 0 takes the lock (trainer.py agrees
-the outcome over all processes). URLs (gs://...) have no flock and are not
+the outcome over all processes). `acquire_file` locks any file the same way
+(`paxgpt sample`'s output, paxgpt/decoding/output.py); its owner removes it. URLs (gs://...) have no flock and are not
 locked. A MODEL_DIR that cannot be created or written is a UsageError.
 """
 from __future__ import annotations
@@ -59,10 +60,32 @@ class RunLock:
     path = os.path.join(os.path.abspath(model_dir), LOCK_FILE)
     try:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
       raise UsageError(f"MODEL_DIR={model_dir!r} cannot be written: "
                        f"{e.strerror or e}") from None
+    return cls._lock(path, f"MODEL_DIR={model_dir!r}", "use another MODEL_DIR")
+
+  @classmethod
+  def acquire_file(cls, path, name, other):
+    """Own the lock file `path` for `name` (e.g. "--output=OUT"), which its
+    owner removes on release (`release(remove=True)`): a run that opened the
+    file just before the owner removed it sees that and locks the new one."""
+    while True:
+      lock = cls._lock(path, name, other)
+      try:
+        same = os.path.samestat(os.fstat(lock._fd), os.stat(path))
+      except FileNotFoundError:
+        same = False
+      if same:
+        return lock
+      lock.release()
+
+  @classmethod
+  def _lock(cls, path, name, other):
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise UsageError(f"{name} cannot be written: {e.strerror or e}") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -70,10 +93,9 @@ class RunLock:
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise RunDirBusyError(
-            f"MODEL_DIR={model_dir!r} is in use by another run ({describe(holder)}); "
-            f"wait for it to end or use another MODEL_DIR") from None
-      raise UsageError(f"MODEL_DIR={model_dir!r}: cannot lock {path}: "
-                       f"{e.strerror or e}") from None
+            f"{name} is in use by another run ({describe(holder)}); wait for it to end or "
+            f"{other}") from None
+      raise UsageError(f"{name}: cannot lock {path}: {e.strerror or e}") from None
     stale = _read_holder(fd)  # what a dead owner left behind
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     os.ftruncate(fd, 0)
@@ -81,11 +103,15 @@ class RunLock:
     os.fsync(fd)
     return cls(path, fd, stale)
 
-  def release(self):
+  def release(self, remove=False):
+    """Unlock; `remove` deletes the lock file first (acquire_file's locks only)."""
     if self._fd is None:
       return
     try:
-      os.ftruncate(self._fd, 0)
+      if remove:
+        os.remove(self.path)
+      else:
+        os.ftruncate(self._fd, 0)
       fcntl.flock(self._fd, fcntl.LOCK_UN)
     finally:
       os.close(self._fd)
