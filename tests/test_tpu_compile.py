@@ -161,3 +161,22 @@ def test_tpu_topology_coexists_with_fake_cpu_devices():
   assert len(jax.devices("cpu")) == 8
   # CPU computation still runs in the same process after TPU compilation.
   assert float(jax.jit(lambda x: (x * 2).sum())(jnp.arange(4.0))) == 12.0
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v5p"])
+def test_decode_kernel_compiles_for_every_head_dim_and_both_caches(generation):
+  # The engine's decode step: 64 rows, a dense cache of 2048 slots and a banded ring
+  # of 256, every GPT-3 head dim, bf16; one program per generation.
+  from kernels import decode_tpu
+  device = _chip(generation)
+  lengths = _abstract((64,), jnp.int32, device)
+  inputs = {(d, slots): (_abstract((64, 8, d), jnp.bfloat16, device),
+                         _abstract((64, 8, slots, d), jnp.bfloat16, device))
+            for d in HEAD_DIMS for slots in (2048, 256)}
+
+  def every_variant(inputs, lengths):
+    return {f"{d}/{slots}": decode_tpu.decode_attention(q, k, k, lengths)
+            for (d, slots), (q, k) in inputs.items()}
+  compiled = jax.jit(every_variant).lower(inputs, lengths).compile()
+  calls = [line for line in compiled.as_text().splitlines() if "tpu_custom_call" in line]
+  assert sum("decode_attention" in line for line in calls) == len(inputs)

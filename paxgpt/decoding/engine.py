@@ -361,12 +361,7 @@ class Engine:
       return fn(self.params, state, self._put(stop))
 
   def _put(self, tree):
-    """Host arrays (the same on every process) onto the mesh, split over batch."""
-    def one(x):
-      x = np.asarray(x)
-      sharding = self.partitioner.sharding(("batch",) + (None,) * (x.ndim - 1))
-      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(one, tree)
+    return sampling.put_by_rows(self.partitioner, tree)
 
   # -- the host loop
 

@@ -448,15 +448,21 @@ def read_prompts(prompts):
   return lines, raw
 
 
-def _resolve_step(directory, step):
+def _model(config: SampleConfig, step):
+  """(model config, vocabulary, its spec, prompt convention, checkpoint step) of
+  SampleConfig.checkpoint_dir: all a run needs before it takes its output."""
+  directory = config.checkpoint_dir
+  model_config, model_vocabulary = model_dir.resolve(directory)
+  vocab, spec = load_vocabulary(config, model_config.vocab_size, model_vocabulary)
   if not os.path.isdir(checkpoint.checkpoint_dir(directory)):
     raise UsageError(f"no checkpoint in {directory!r} (no {checkpoint.CHECKPOINT_SUBDIR}/ "
                      f"directory)")
   checkpointer = checkpoint.Checkpointer(directory, read_only=True)
   try:
-    return checkpoint.resolve_step(checkpointer, directory, step)
+    step = checkpoint.resolve_step(checkpointer, directory, step)
   finally:
     checkpointer.close()
+  return model_config, vocab, spec, model_dir.prompt_start(directory), step
 
 
 def load_decoders(model_config, vocab, checkpoint_dir, step, partitioner, config):
@@ -531,10 +537,7 @@ def sample_file(prompts, output, step=None, mesh=None):
                      "(the training run's MODEL_DIR)")
   lines, raw = read_prompts(prompts)
   total = sum(1 for line in lines if line.strip())
-  model_config, model_vocabulary = model_dir.resolve(config.checkpoint_dir)
-  vocab, spec = load_vocabulary(config, model_config.vocab_size, model_vocabulary)
-  prompt_start = model_dir.prompt_start(config.checkpoint_dir)
-  step = _resolve_step(config.checkpoint_dir, step)
+  model_config, vocab, spec, prompt_start, step = _model(config, step)
   fingerprint = {"prompts_sha256": hashlib.sha256(raw).hexdigest(),
                  "checkpoint": os.path.abspath(config.checkpoint_dir), "step": int(step),
                  "model": model_dir.config_dict(model_config), "vocabulary": spec,

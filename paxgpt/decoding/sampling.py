@@ -498,6 +498,16 @@ def decode_params(params, config, partitioner, *, consume=False):
   return tree
 
 
+def put_by_rows(partitioner, tree):
+  """Host arrays onto the mesh, split over batch by their first axis. Every process
+  passes the same values (multi-host runs decide the same batches)."""
+  def one(x):
+    x = np.asarray(x)
+    sharding = partitioner.sharding(("batch",) + (None,) * (x.ndim - 1))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(one, tree)
+
+
 @dataclasses.dataclass
 class DecodeRun:
   """A batch being decoded (host side): what `Decoder.decode` continues."""
@@ -547,8 +557,7 @@ class Decoder:
     return list(prompts) + [prompts[-1]] * (target - len(prompts)), len(prompts)
 
   def _put(self, tree):
-    return jax.device_put(tree, jax.tree.map(
-        lambda x: self.partitioner.sharding(("batch",) + (None,) * (np.ndim(x) - 1)), tree))
+    return put_by_rows(self.partitioner, tree)
 
   def prefill(self, prompts, rows: SamplingRows, *, width=None, max_new_tokens=None,
               rows_to=None, rules=None) -> DecodeRun:
@@ -622,7 +631,7 @@ class Decoder:
     alpha = np.concatenate([alpha, np.repeat(alpha[-1:], len(padded) - real)])
     fn = self._program(("beam", beam_size, max_new_tokens), lambda: jax.jit(functools.partial(
         beam_search, self.model, beam_size=beam_size, max_new_tokens=max_new_tokens,
-        eos_id=self.eos_id)))
+        eos_id=self.eos_id), out_shardings=self.partitioner.replicated()))  # every process reads
     with self.partitioner.activate():
       out = fn(self.params, self._put(jnp.asarray(tokens)), self._put(jnp.asarray(lengths)),
                self._put(jnp.asarray(alpha)))
