@@ -1,10 +1,14 @@
-"""Decoding from a GPT: prefill, a KV-cached decode loop, sampling rules, beam search.
+"""Decoding from a GPT: sampling rules, the static sampler (prefill and a KV-cached
+decode loop over one batch), beam search, the decoding layout of the weights.
 
 Pure functions of (model, params, arrays) in the style of t5x's decoding.py;
 JAX only (no TF/seqio), so they run on an accelerator box. The host side (JSONL,
 vocabularies, checkpoints) is paxgpt/decoding/offline.py; `Decoder` below jits these
-functions for a mesh and is the API callers use: `sample`, `beam`, and for
-benchmarks the two halves of `sample`, `prefill` and `decode`.
+functions for a mesh: `sample`, `beam`, and for benchmarks the two halves of
+`sample`, `prefill` and `decode`. The continuous-batching engine
+(paxgpt/decoding/engine.py), which `paxgpt sample` and few-shot generations use,
+shares the rules (`choose_tokens`, `Rules`, `SamplingRows`, `row_key`); the
+static sampler stays for beam search and as the engine's benchmark baseline.
 
 Layout: prompts are left-padded to a common width P, so every row's last prompt
 token sits at buffer position P - 1 and every row writes the same cache slot at
