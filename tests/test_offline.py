@@ -127,6 +127,20 @@ def test_work_lost_1_an_empty_or_blank_prompts_file_never_replaces_out(tmp_path,
   assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]
 
 
+def test_work_lost_1_a_rerun_that_fails_at_start_up_keeps_the_partial(tmp_path, monkeypatch):
+  prompts, output = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
+  prompts.write_text('{"prompt": "p"}\n')
+  out = output_lib.OutputFile.open(output, _fingerprint())
+  out.write({"line": 1, "completions": ["kept"]})
+  out.close()
+  before = open(output + ".partial", "rb").read()
+  config = offline.SampleConfig(checkpoint_dir=str(tmp_path / "mistyped"), vocabulary="byte")
+  monkeypatch.setattr(offline, "SampleConfig", lambda: config)
+  with pytest.raises(UsageError, match="no checkpoint in"):
+    offline.sample_file(str(prompts), output)
+  assert open(output + ".partial", "rb").read() == before
+
+
 def test_work_lost_1_an_interrupted_run_continues_and_never_truncates(tmp_path, monkeypatch):
   prompts, output = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
   prompts.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(6)))

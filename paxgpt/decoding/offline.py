@@ -556,21 +556,23 @@ def sample_file(prompts, output, step=None, mesh=None):
     raise UsageError(f"--output={output}: process 0 could not take it (see its error)")
   skip = set(int(d) for d in done)
   seed_base = int(_from_process_0([secrets.randbelow(MAX_SEED)])[0])
-  kept_errors = 0 if out is None else sum(b'"error":' in line for line in out.done.values())
+  kept_errors = 0 if out is None else sum("error" in json.loads(line)
+                                          for line in out.done.values())
   try:
-    partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
-    engine, decoder = load_decoders(model_config, vocab, config.checkpoint_dir, step,
-                                    partitioner, config)
-    with Progress(total - len(skip), "sample", unit="lines") as progress, _Sigterm() as sigterm:
+    with _Sigterm() as sigterm:  # from here on SIGTERM ends the run with the lines kept
+      partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+      engine, decoder = load_decoders(model_config, vocab, config.checkpoint_dir, step,
+                                      partitioner, config)
+      with Progress(total - len(skip), "sample", unit="lines") as progress:
 
-      def emit(obj):
-        if out is not None:
-          out.write(obj)
-        progress.update(1)
+        def emit(obj):
+          if out is not None:
+            out.write(obj)
+          progress.update(1)
 
-      outputs, errors = run_requests(engine, decoder, vocab, lines, config,
-                                     model_config.max_len, emit, skip, prompt_start,
-                                     seed_base, interrupted=sigterm)
+        outputs, errors = run_requests(engine, decoder, vocab, lines, config,
+                                       model_config.max_len, emit, skip, prompt_start,
+                                       seed_base, interrupted=sigterm)
   except engine_lib.Interrupted:
     kept = len(skip) + (out.written if out else 0)
     if out is not None:
