@@ -18,7 +18,7 @@ from conftest import TINY, one_device, tiny
 from paxgpt.decoding import offline
 from paxgpt.decoding import output as output_lib
 from paxgpt.decoding import sampling
-from paxgpt.errors import RunDirBusyError, UsageError
+from paxgpt.errors import RunDirBusyError, RunError, UsageError
 from paxgpt.store import checkpoint
 from paxgpt.store import model_dir
 
@@ -71,6 +71,21 @@ def test_work_lost_1_a_torn_last_line_is_cut_and_the_rest_kept(tmp_path):
   again.write({"line": 6, "completions": ["y"]})
   again.finish()
   assert [json.loads(x)["line"] for x in open(output, encoding="utf-8")] == [5, 6]
+
+
+def test_an_output_that_cannot_be_written_at_the_end_keeps_the_partial(tmp_path, monkeypatch):
+  output = str(tmp_path / "out.jsonl")
+  out = output_lib.OutputFile.open(output, _fingerprint())
+  out.write({"line": 1, "completions": ["a"]})
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(output_lib.os, "replace", full_disk)
+  with pytest.raises(RunError, match=r"cannot write it \(No space left on device\); every "
+                                     r"finished line is kept in .*out.jsonl.partial"):
+    out.finish()
+  monkeypatch.undo()
+  assert output_lib.OutputFile.open(output, _fingerprint()).done == {
+      1: b'{"line": 1, "completions": ["a"]}\n'}  # and a rerun takes it over
 
 
 # --- sample_file on a fake model ---------------------------------------------

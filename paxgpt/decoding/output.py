@@ -27,7 +27,7 @@ import json
 import os
 import time
 
-from paxgpt.errors import UsageError
+from paxgpt.errors import RunError, UsageError
 from paxgpt.store import run_lock
 
 HEADER_KEY = "paxgpt_sample_partial"
@@ -113,19 +113,30 @@ class OutputFile:
       self._synced = now
 
   def finish(self):
-    """Write OUT: every finished line in input order (the kept ones byte for byte)."""
-    self._file.flush()
-    os.fsync(self._file.fileno())
-    self._file.close()
-    with open(self.partial, "rb") as f:
-      lines = f.read().splitlines(keepends=True)[1:]
-    lines.sort(key=lambda raw: json.loads(raw)["line"])
+    """Write OUT: every finished line in input order (the kept ones byte for byte).
+    A failure (a full disk) is a RunError; the partial file stays complete."""
     temporary = f"{self.output}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-      f.writelines(lines)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, self.output)
+    try:
+      self._file.flush()
+      os.fsync(self._file.fileno())
+      self._file.close()
+      with open(self.partial, "rb") as f:
+        lines = f.read().splitlines(keepends=True)[1:]
+      lines.sort(key=lambda raw: json.loads(raw)["line"])
+      with open(temporary, "wb") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(temporary, self.output)
+    except OSError as e:
+      if os.path.exists(temporary):
+        os.remove(temporary)
+      self._lock.release(remove=True)
+      raise RunError(f"--output={self.output}: cannot write it ({e.strerror}); every finished "
+                     f"line is kept in {self.partial}: run the same command again to write "
+                     f"it") from None
+    finally:
+      self._file.close()
     os.remove(self.partial)
     self._lock.release(remove=True)
 
