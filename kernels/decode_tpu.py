@@ -26,6 +26,7 @@ from kernels import masks
 # Contract the head dim of [heads, 1, d] queries with [heads, block, d] keys, per head.
 _QK = (((2,), (2,)), ((0,), (0,)))
 _PV = (((2,), (1,)), ((0,), (0,)))
+VMEM_BLOCK_BYTES = 2 * 2**20
 
 
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, block_k,
@@ -65,16 +66,20 @@ def decode_attention(q, k, v, lengths, *, sm_scale=None, block_k=256, interpret=
   """q [batch, heads, head_dim], k and v [batch, heads, slots, head_dim]; row b
   attends over slots [0, lengths[b]) and a row with length 0 gives 0.
 
-  Key blocks are gcd(block_k, slots) slots, so they tile the cache exactly; on
-  a real TPU that should be a multiple of 16 (bf16 sublane tiling): a cache of
-  a multiple of 128 slots. `interpret` (True or
+  Key blocks are at most block_k slots (fewer for rows of many heads, see
+  VMEM_BLOCK_BYTES) and tile the cache exactly (gcd with the slot count); on a
+  real TPU that should be a multiple of 16 (bf16 sublane tiling): a cache of a
+  multiple of 128 slots. `interpret` (True or
   a `pltpu.InterpretParams`) runs the kernel on CPU.
   """
   batch, heads, slots, head_dim = k.shape
   if q.shape != (batch, heads, head_dim) or v.shape != k.shape:
     raise ValueError(f"decode attention takes q [batch, heads, head_dim] and k, v [batch, "
                      f"heads, slots, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
-  block_k = math.gcd(block_k, slots)  # blocks tile the slots exactly
+  # A step holds every head's key and value blocks, double-buffered: keep a block
+  # near VMEM_BLOCK_BYTES so that wide rows (many heads) fit v5e's 16 MiB of scoped VMEM.
+  fits = max(8, VMEM_BLOCK_BYTES // (heads * head_dim * k.dtype.itemsize))
+  block_k = math.gcd(min(block_k, 1 << (fits.bit_length() - 1)), slots)  # tiles the slots
   if interpret is True:
     interpret = pltpu.InterpretParams()
   scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
