@@ -3,6 +3,6 @@
 Imports with JAX alone (no TensorFlow, no Flax), so it runs on a bare
 accelerator box.
 """
-from kernels.api import BACKENDS, attention, default_backend
+from kernels.api import BACKENDS, attention, decode_attention, default_backend
 
-__all__ = ["attention", "default_backend", "BACKENDS"]
+__all__ = ["attention", "decode_attention", "default_backend", "BACKENDS"]

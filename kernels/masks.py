@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -182,3 +183,23 @@ def full_query_block_bounds(k_block, block_q, block_k, num_q_blocks, window=None
     return first, num_q_blocks - 1 + 0 * first
   last = jnp.minimum((k_first + window) // block_q - 1, num_q_blocks - 1)  # q_last - k_first < window
   return first, last
+
+
+def cached_keys(lengths, slots):
+  """Decode attention over a per-row KV cache (the decode engine's layout): the
+  number of cache slots a row's query sees, always a prefix [0, n) of its slots.
+
+  A row whose query sits at position t has lengths = t + 1 tokens. A dense layer's
+  cache holds position i in slot i, so it sees slots [0, t + 1). A banded layer's
+  ring buffer of W = slots holds position i in slot i % W: while t < W it holds
+  positions 0..t in slots 0..t, and from then on positions t - W + 1 .. t in all
+  W slots, exactly the keys `visible(t, j, W)` allows. Softmax attention does not
+  depend on the order of the keys, so the ring needs no other mask.
+  """
+  return jnp.minimum(lengths, slots)
+
+
+def cached_key_blocks(visible_keys, block_k):
+  """Key blocks of `block_k` slots that hold a row's `cached_keys` (0 for none);
+  lax.div, as the operands are non-negative (Mosaic lowers no floor division)."""
+  return lax.div(visible_keys + block_k - 1, block_k)

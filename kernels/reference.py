@@ -1,6 +1,8 @@
 """Pure-JAX attention: the readable specification every kernel is tested against."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -31,3 +33,46 @@ def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=N
   p = p / jnp.where(l == 0, 1.0, l)
   out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32))
   return out.astype(q.dtype)
+
+
+def decode_attention(q, k, v, lengths, *, sm_scale=None, block_k=128):
+  """One query per row against its KV cache: q [batch, heads, head_dim], k and v
+  [batch, heads, slots, head_dim] (the cache's own layout); row b sees slots
+  [0, lengths[b]) (`masks.cached_keys`). float32 inside; a row that sees no key
+  gives 0.
+
+  It reads key blocks only up to the longest row: a loop over blocks of
+  `block_k` slots, as many as the longest row needs, with an online softmax. A
+  block past a row's own length adds exactly nothing to it (its scores are
+  -inf, its max and sum stay bit for bit), so a row's result does not depend on
+  the other rows.
+  """
+  batch, _, slots, head_dim = k.shape
+  block_k = min(block_k, slots)
+  scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+  num_blocks = masks.cached_key_blocks(jnp.max(lengths), block_k)
+  dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+  def body(i, carry):
+    m, l, acc = carry
+    # The last block may start early (slots % block_k != 0); keys it repeats are masked.
+    start = jnp.minimum(i * block_k, slots - block_k)
+    index = start + jnp.arange(block_k)
+    ok = (index[None, :] >= i * block_k) & (index[None, :] < lengths[:, None])
+    keys = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=2)
+    values = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=2)
+    s = dot("bhd,bhkd->bhk", q, keys) * scale
+    s = jnp.where(ok[:, None, :], s, -jnp.inf)
+    m_next = jnp.maximum(m, jnp.max(s, axis=-1))
+    shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # nothing seen yet: exp gives 0
+    p = jnp.exp(s - shift[..., None])
+    alpha = jnp.exp(m - shift)
+    l = alpha * l + jnp.sum(p, axis=-1)
+    acc = alpha[..., None] * acc + dot("bhk,bhkd->bhd", p.astype(values.dtype), values)
+    return m_next, l, acc
+
+  heads = q.shape[1]
+  init = (jnp.full((batch, heads), -jnp.inf, jnp.float32), jnp.zeros((batch, heads), jnp.float32),
+          jnp.zeros((batch, heads, head_dim), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+  return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(q.dtype)

@@ -151,48 +151,51 @@ def test_a_text_file_that_is_not_utf8_is_one_line(tmp_path):
     ("", "is a directory"),
 ])
 def test_an_unwritable_output_is_refused_before_any_work(tmp_path, output, message):
+  from paxgpt.decoding import output as output_lib
   with pytest.raises(UsageError, match=message):
-    offline.open_output(os.path.join(tmp_path, output))
+    output_lib.OutputFile.open(os.path.join(tmp_path, output), {})
 
 
-class _FakeDecoder:
-  """Decodes "A" for every row; raises on batch number `fail_at`."""
+class _FakeEngine:
+  """Decodes "A" for every request; raises at request number `fail_at`."""
 
   def __init__(self, fail_at=None):
-    self.calls, self.fail_at = 0, fail_at
+    self.fail_at = fail_at
 
-  def sample(self, prompts, settings, **kwargs):
-    self.calls += 1
-    if self.calls == self.fail_at:
-      raise RuntimeError("the decoder died")
+  def run(self, requests, on_finish, interrupted=None):
     import tasks
     token = tasks.get_vocabulary("byte").encode("A")[0]
-    return np.full((len(prompts), 1), token), np.full(len(prompts), sampling.LENGTH)
+    for index, _ in enumerate(requests):
+      if index == self.fail_at:
+        raise RuntimeError("the decoder died")
+      on_finish(index, [token], sampling.LENGTH)
+
+
+def _fake_model(monkeypatch, engines):
+  """sample_file on a fake model; each run takes the next of `engines`."""
+  import tasks
+  config = offline.SampleConfig(slots=1, max_tokens=1, checkpoint_dir="unused")
+  monkeypatch.setattr(offline, "SampleConfig", lambda: config)
+  monkeypatch.setattr(offline, "_model", lambda config, step: (
+      tiny(), tasks.get_vocabulary("byte"), "byte", "eos", 3))
+  monkeypatch.setattr(offline, "load_decoders", lambda *a: (engines.pop(0), None))
 
 
 def test_results_are_written_as_they_complete_and_a_crash_keeps_them(tmp_path, monkeypatch,
                                                                      capsys):
-  import tasks
-  config = offline.SampleConfig(batch_size=1, max_tokens=1)
-  lines = [json.dumps({"prompt": f"p{i}"}) for i in range(3 * offline.CHUNK_BATCHES)]
+  lines = [json.dumps({"prompt": f"p{i}"}) for i in range(10)]
   prompts = tmp_path / "in.jsonl"
   prompts.write_text("\n".join(lines) + "\n")
   output = str(tmp_path / "out.jsonl")
-  decoder = _FakeDecoder(fail_at=2 * offline.CHUNK_BATCHES + 1)  # in the third chunk
-  monkeypatch.setattr(offline, "SampleConfig",
-                      lambda: dataclasses.replace(config, checkpoint_dir="unused"))
-  monkeypatch.setattr(offline, "_decoder", lambda *a: (
-      tiny(), tasks.get_vocabulary("byte"), decoder))
+  _fake_model(monkeypatch, [_FakeEngine(fail_at=7), _FakeEngine()])
   with pytest.raises(RuntimeError, match="the decoder died"):
     offline.sample_file(str(prompts), output)
   assert not os.path.exists(output)
-  kept = [json.loads(line) for line in open(output + ".partial")]
-  assert [k["line"] for k in kept] == list(range(1, 2 * offline.CHUNK_BATCHES + 1))
+  kept = [json.loads(line) for line in open(output + ".partial")][1:]  # after the header
+  assert [k["line"] for k in kept] == list(range(1, 8))
   assert f"stopped after {len(kept)} of {len(lines)} lines" in capsys.readouterr().err
 
-  monkeypatch.setattr(offline, "_decoder", lambda *a: (
-      tiny(), tasks.get_vocabulary("byte"), _FakeDecoder()))
-  assert offline.sample_file(str(prompts), output) == 0
+  assert offline.sample_file(str(prompts), output) == 0  # continues from the partial file
   assert not os.path.exists(output + ".partial")
   assert [json.loads(line)["completions"] for line in open(output)] == [["A"]] * len(lines)
 

@@ -1,7 +1,8 @@
 """The GPU check (paxgpt/bench/gpu_check.py, launch/gpu_check.sh) on CPU: its --smoke
 run gives every section's rows with finite figures and passing kernel checks,
 and the pieces it computes by itself (model shapes from gin files without gin,
-the batch search, the decode bytes) agree with their sources."""
+the batch search, the decode bytes) agree with their sources; the engine rows
+count the KV cache the slots hold."""
 import dataclasses
 import json
 import math
@@ -28,7 +29,8 @@ FIGURES = {"kernels": ("max_error", "tolerance"),
            "attention": ("fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops"),
            "train": ("tokens_per_s", "step_ms", "model_tflops", "memory_gib", "loss"),
            "decode": ("tokens_per_s", "ms_per_step", "prefill_ms", "weight_bytes",
-                      "kv_bytes_per_step")}
+                      "kv_bytes_per_step"),
+           "engine": ("ms_per_step", "kv_bytes_per_step")}
 
 
 def test_smoke_run_gives_every_section_with_finite_figures(tmp_path, capsys):
@@ -58,6 +60,10 @@ def test_smoke_run_gives_every_section_with_finite_figures(tmp_path, capsys):
   assert sum(r["section"] == "train" for r in rows) == len(plan.train_rows)
   assert sum(r["section"] == "decode" for r in rows) == (
       len(plan.decode_models) * len(plan.decode_batches))
+  engine = [r for r in rows if r["section"] == "engine"]
+  assert len(engine) == 2 + len(plan.engine_models) * len(plan.engine_slots)
+  assert {r["backend"] for r in engine[:2]} == {"gpu", "reference"}  # the kernel rows
+  assert all(r["tokens_per_s"] > 0 and r["weight_bytes"] > 0 for r in engine[2:])
   assert {r["backend"] for r in rows if r["section"] == "attention"} == {
       "gpu", "cudnn", "reference"}
 
@@ -186,7 +192,8 @@ def test_rows_past_the_budget_are_listed_as_skipped(tmp_path):
                        * len(plan.attention["head_dims"])
                        + len(plan.tune_shapes) * len(plan.tune_candidates)
                        + len(plan.train_rows)
-                       + len(plan.decode_models) * len(plan.decode_batches))
+                       + len(plan.decode_models) * len(plan.decode_batches)
+                       + 2 + len(plan.engine_models) * len(plan.engine_slots))
   assert {r["status"] for r in rows} == {"skipped"}
 
 
@@ -195,7 +202,7 @@ def test_the_selected_sections_share_the_whole_budget():
   share = gpu_check.SHARES["kernels"] / (gpu_check.SHARES["kernels"]
                                          + gpu_check.SHARES["decode"])
   assert clock.deadlines == pytest.approx({"kernels": 100 * share, "decode": 100.0})
-  assert gpu_check.Clock(10.0).deadlines["decode"] == pytest.approx(10.0)
+  assert gpu_check.Clock(10.0).deadlines[gpu_check.SECTIONS[-1]] == pytest.approx(10.0)
 
 
 def test_tile_candidates_are_checked_for_correctness_too():
@@ -248,3 +255,12 @@ def test_full_plan_prefill_lowers_for_cuda():
   partitioner = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
   with partitioner.activate():
     assert _triton_calls(prefill.trace(params, tokens).lower(lowering_platforms=("cuda",))) == 2
+
+
+def test_engine_kv_bytes_are_what_the_rows_hold():
+  config = model_config("gpt3_tiny", num_layers=4, window=8)  # 2 dense + 2 banded layers
+  per_position = 2 * config.num_heads * config.head_dim * 4  # keys and values, float32
+  # Rows at positions 3 and 20 of a 32-slot cache: dense layers hold 4 and 21 positions,
+  # banded rings 4 and 8.
+  want = 2 * (4 + 21) * per_position + 2 * (4 + 8) * per_position
+  assert gpu_check._held_kv_bytes(config, [3, 20], 32) == want

@@ -112,7 +112,9 @@ GENERATE = [
 
 
 def test_sample_with_no_model_gin_equals_generate(imported, tmp_path):
+  # An imported model's prompts start as transformers' do: generate(tokenizer(prompt)).
   arch, hf_model, tokenizer, root = imported
+  assert model_dir.prompt_start(root / "pax") == "none"
   prompts = tmp_path / "in.jsonl"
   prompts.write_text("".join(json.dumps({**r, "max_tokens": MAX_NEW}) + "\n" for r in REQUESTS))
   out = tmp_path / "out.jsonl"
@@ -121,7 +123,7 @@ def test_sample_with_no_model_gin_equals_generate(imported, tmp_path):
   lines = [json.loads(x) for x in out.read_text().splitlines()]
   eos = tokenizer.eos_token_id
   for request, settings, line in zip(REQUESTS, GENERATE, lines):
-    prompt = [eos] + tokenizer(request["prompt"])["input_ids"]
+    prompt = tokenizer(request["prompt"])["input_ids"]
     with torch.no_grad():
       full = hf_model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW,
                                pad_token_id=eos, **settings)[0].tolist()

@@ -248,3 +248,20 @@ def test_train_logs_fewshot_scores(tmp_path):
     assert "validation_loss" in record
     assert 0.0 <= record["fewshot/paxgpt_choice/acc"] <= 1.0
     assert 0.0 <= record["fewshot/paxgpt_choice/acc_norm"] <= 1.0
+
+
+def test_generations_start_as_the_models_prompts_do(pax_lm):
+  # An imported model (prompt_start "none", as the hf backend) and one in training
+  # ("eos", as `paxgpt sample` on a model paxgpt trained) build the same request but
+  # for the leading EOS; the context is cut to leave room for max_gen_toks.
+  kwargs = {"until": ["\n"], "max_gen_toks": 8}
+  group = [(0, "The capital of", kwargs)]
+  ids = pax_lm.tok_encode("The capital of")
+  imported, _ = pax_lm._requests(group, dict(kwargs), max_prompt=100)
+  assert pax_lm.prompt_start == "none" and imported[0].ids == ids
+  trained = lm_eval_model.PaxGPTLM.from_params(pax_lm.config, pax_lm.params, pax_lm.vocab,
+                                               pax_lm.partitioner, batch_size=4)
+  eos_first, _ = trained._requests(group, dict(kwargs), max_prompt=100)
+  assert eos_first[0].ids == [pax_lm.vocab.eos_id] + ids
+  cut, _ = trained._requests(group, dict(kwargs), max_prompt=3)
+  assert cut[0].ids == [pax_lm.vocab.eos_id] + ids[-2:]

@@ -13,14 +13,15 @@ import pytest
 from conftest import TINY, one_device, tiny
 from paxgpt.store import checkpoint
 from paxgpt.model import gpt
+from paxgpt.decoding import engine
 from paxgpt.decoding import sampling
 from paxgpt.decoding import offline
 from paxgpt.model import sharding
 from paxgpt.cli import main
 
 MODEL = dict(max_len=64, init_std=0.3)  # conftest's TINY with these changes
-CONFIG = offline.SampleConfig(batch_size=4, max_tokens=6, temperature=0.0, prompt_bucket=16,
-                                   stop_check_every=2, seed=11)
+CONFIG = offline.SampleConfig(slots=4, max_tokens=6, temperature=0.0, prompt_bucket=16,
+                              steps_per_call=2, seed=11)
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,12 +31,16 @@ def setup():
   partitioner = one_device()
   params = sampling.init_params(config, partitioner, seed=1)
   vocab = tasks.get_vocabulary("byte")
-  return config, params, vocab, sampling.Decoder(config, params, partitioner, vocab.eos_id)
+  unrolled = sampling.decode_params(params, config, partitioner)
+  return config, params, vocab, (
+      engine.Engine(config, unrolled, partitioner, vocab.eos_id, slots=CONFIG.slots,
+                    steps_per_call=CONFIG.steps_per_call),
+      sampling.Decoder(config, unrolled, partitioner, vocab.eos_id))
 
 
 def run(lines, config=CONFIG):
-  model_config, _, vocab, decoder = setup()
-  return offline.run_requests(decoder, vocab, [json.dumps(x) if isinstance(x, dict) else x
+  model_config, _, vocab, (eng, decoder) = setup()
+  return offline.run_requests(eng, decoder, vocab, [json.dumps(x) if isinstance(x, dict) else x
                                                     for x in lines], config, model_config.max_len)
 
 
@@ -153,5 +158,5 @@ def test_sample_command_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_sample_config_rejects_bad_values():
-  with pytest.raises(ValueError, match="batch_size=0"):
-    dataclasses.replace(CONFIG, batch_size=0)
+  with pytest.raises(ValueError, match="slots=0"):
+    dataclasses.replace(CONFIG, slots=0)

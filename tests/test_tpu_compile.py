@@ -161,3 +161,25 @@ def test_tpu_topology_coexists_with_fake_cpu_devices():
   assert len(jax.devices("cpu")) == 8
   # CPU computation still runs in the same process after TPU compilation.
   assert float(jax.jit(lambda x: (x * 2).sum())(jnp.arange(4.0))) == 12.0
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v5p"])
+def test_decode_kernel_compiles_for_every_head_dim_and_both_caches(generation):
+  # The engine's decode step: 64 rows, a dense cache of 2048 slots and a banded ring
+  # of 256, every GPT-3 head dim, bf16; one program per generation.
+  from kernels import decode_tpu
+  device = _chip(generation)
+  lengths = _abstract((64,), jnp.int32, device)
+  # 96 heads of 128 (GPT-3 175B on one chip's share without tensor parallelism) take
+  # shorter key blocks to fit VMEM.
+  shapes = [(8, d, slots) for d in HEAD_DIMS for slots in (2048, 256)] + [(96, 128, 2048)]
+  inputs = {shape: (_abstract((64, shape[0], shape[1]), jnp.bfloat16, device),
+                    _abstract((64, shape[0], shape[2], shape[1]), jnp.bfloat16, device))
+            for shape in shapes}
+
+  def every_variant(inputs, lengths):
+    return {"/".join(map(str, shape)): decode_tpu.decode_attention(q, k, k, lengths)
+            for shape, (q, k) in inputs.items()}
+  compiled = jax.jit(every_variant).lower(inputs, lengths).compile()
+  calls = [line for line in compiled.as_text().splitlines() if "tpu_custom_call" in line]
+  assert sum("decode_attention" in line for line in calls) == len(inputs)

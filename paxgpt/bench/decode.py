@@ -6,6 +6,10 @@
       [--checkpoint_dir=DIR] [--scan_layers] [--repeats=3]
   python -m paxgpt.bench.decode --vs_hf [--batch_sizes=1,8,32] [--prompt_len=64]
       [--new_tokens=128] [--hf_threads=N]
+  python -m paxgpt.bench.decode --workload [--requests=96] [--slots=32] [--models=gpt2,gpt_neo]
+      [--decoders=engine,uniform,static,hf_static,hf_cb] [--hf_threads=N]
+      (paxgpt/bench/workload.py: mixed prompt and output lengths through the decode
+      engine, the static sampler and transformers)
 
 Random weights unless --checkpoint_dir is given (a training MODEL_DIR). Greedy
 decoding with no EOS, so every row decodes all new tokens. Prints a table: the
@@ -167,7 +171,21 @@ def main(argv=None):
   parser.add_argument("--vs_hf", action="store_true")
   parser.add_argument("--hf_threads", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--workload", action="store_true")
+  parser.add_argument("--requests", type=int, default=96)
+  parser.add_argument("--slots", type=int, default=32)
+  parser.add_argument("--steps_per_call", type=int, default=8)
+  parser.add_argument("--prefill_tokens", type=int, default=512)
+  parser.add_argument("--models", default="gpt2,gpt_neo")
+  parser.add_argument("--decoders", default="engine,uniform,static,hf_static,hf_cb")
+  parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(rest)
+  if args.workload:
+    if files or bindings or args.checkpoint_dir or args.vs_hf:
+      raise UsageError("--workload builds its own models: no gin flags, --checkpoint_dir or "
+                       "--vs_hf")
+    from paxgpt.bench import workload
+    return workload.main(args, sharding.Partitioner(sharding.mesh_from_flag(args.mesh)))
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
   args.prompt_len = args.prompt_len or (64 if args.vs_hf else 32)
   args.new_tokens = args.new_tokens or (128 if args.vs_hf else 64)

@@ -1,7 +1,7 @@
 """The GPU figures in one prepared run: `python -m paxgpt.bench.gpu_check [--smoke] [--json PATH]`.
 
   python -m paxgpt.bench.gpu_check [--smoke] [--json PATH] [--budget_s S]
-      [--sections kernels,attention,train,decode]
+      [--sections kernels,attention,train,decode,engine]
 
 (`bash launch/gpu_check.sh` sets up a bare GPU box and calls this.) A driver,
 not a fourth copy of the benchmarks: each section calls the code that owns
@@ -28,6 +28,13 @@ its figure.
              for gpt3_small and gpt3_xl at batch 1/32/128, 128 new tokens after
              a 512-token prompt: tokens/s and the percentage of the HBM roofline
              (weights + KV cache bytes read per step / chip bandwidth).
+  engine     the continuous-batching engine's decode calls (paxgpt/decoding/engine.py
+             generate, Triton decode attention) for gpt3_small and gpt3_xl at
+             64/128/256 slots, each slot at its own position (256-768 tokens in,
+             as a running engine's slots are): tokens/s and the percentage of the
+             HBM roofline (weights + the KV cache the rows hold, which is what the
+             kernel reads, per step / bandwidth); first the decode kernel alone,
+             Pallas GPU against the XLA path, on one layer's ragged cache.
 
 It prints one Markdown table (a row as each figure is measured) and writes the
 same rows as JSON ({"meta": ..., "rows": [...]}) to --json.
@@ -76,11 +83,12 @@ from paxgpt.decoding import sampling
 from paxgpt.model import sharding
 from paxgpt.training import train_step
 
-SECTIONS = ("kernels", "attention", "tune", "train", "decode")
+SECTIONS = ("kernels", "attention", "tune", "train", "decode", "engine")
 # Each section's share of the budget; the sections a run selects split the whole
 # budget in these proportions (a section that ends early leaves its time to the
 # next ones).
-SHARES = {"kernels": 0.12, "attention": 0.22, "tune": 0.16, "train": 0.35, "decode": 0.15}
+SHARES = {"kernels": 0.08, "attention": 0.18, "tune": 0.12, "train": 0.30, "decode": 0.12,
+          "engine": 0.20}
 LABELS = {"gpu": "pallas-gpu", "cudnn": "cudnn", "reference": "xla", "tpu": "pallas-tpu"}
 # Tolerances of tests/test_kernels_gpu.py: compiled on a GPU, and interpret mode.
 TOLERANCE = {True: {"float32": 1e-4, "bfloat16": 3e-2},
@@ -113,6 +121,12 @@ class Plan:
   prompt_len: int
   new_tokens: int
   decode_repeats: int
+  engine_models: tuple
+  engine_slots: tuple
+  engine_positions: tuple  # (lowest, highest) position a slot starts at
+  engine_steps: int  # steps per generate call
+  engine_calls: int  # timed calls (after one that compiles)
+  decode_kernel: tuple  # (batch, heads, slots, head_dim) of the kernel rows
   budget_s: float
 
 
@@ -169,6 +183,12 @@ FULL = Plan(
     prompt_len=512,
     new_tokens=128,
     decode_repeats=1,
+    engine_models=("gpt3_small", "gpt3_xl"),
+    engine_slots=(64, 128, 256),
+    engine_positions=(256, 768),
+    engine_steps=16,
+    engine_calls=3,
+    decode_kernel=(128, 16, 2048, 128),
     budget_s=400.0,
 )
 
@@ -192,6 +212,12 @@ SMOKE = Plan(
     prompt_len=8,
     new_tokens=4,
     decode_repeats=1,
+    engine_models=("gpt3_tiny",),
+    engine_slots=(4,),
+    engine_positions=(4, 40),
+    engine_steps=4,
+    engine_calls=1,
+    decode_kernel=(2, 2, 64, 16),
     budget_s=600.0,
 )
 
@@ -282,6 +308,9 @@ def _result(row):
     return (f"{row['tokens_per_s']:,.0f} tok/s, {row['step_ms']:.0f} ms/step, MFU {mfu}, "
             f"{_fmt(row['memory_gib'], '.3g')} GiB, compile {row['compile_s']:.0f} s")
   roofline = "-" if row["roofline_fraction"] is None else f"{100 * row['roofline_fraction']:.0f}%"
+  if "tokens_per_s" not in row:  # the engine section's decode kernel rows
+    return (f"{row['ms_per_step']:.3f} ms per layer, {row['kv_bytes_per_step'] / 2**20:.0f} MiB "
+            f"held, {roofline} of HBM roofline")
   return (f"{row['tokens_per_s']:,.0f} tok/s, {row['ms_per_step']:.2f} ms/step, "
           f"{roofline} of HBM roofline")
 
@@ -642,8 +671,137 @@ def run_decode(plan, report, clock):
                       roofline_fraction=None if roofline_s is None else roofline_s / step_s))
 
 
+def _held_kv_bytes(config, positions, capacity):
+  """Bytes of keys and values the engine's slots hold at `positions` (what the
+  decode kernel reads in a step: each row up to its own length, a ring its W)."""
+  itemsize = jnp.dtype(config.dtype).itemsize
+  total = 0
+  for kind in config.attention_pattern:
+    window = config.layer_window(kind)
+    slots = capacity if window is None else min(window, capacity)
+    held = np.minimum(np.asarray(positions) + 1, slots).sum()
+    total += config.num_periods * 2 * int(held) * config.num_heads * config.head_dim
+  return total * itemsize
+
+
+def _time_calls(fn, calls):
+  """Seconds per call of fn() (which returns something to block on), best of `calls`."""
+  jax.block_until_ready(fn())  # compiles
+  best = float("inf")
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def _decode_kernel_rows(plan, report, clock, bandwidth):
+  batch, heads, slots, head_dim = plan.decode_kernel
+  rng = np.random.default_rng(0)
+  lengths = jnp.asarray(rng.integers(slots // 8, slots, batch), jnp.int32)
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (batch, heads, head_dim), jnp.bfloat16)
+  k, v = (jax.random.normal(key, (batch, heads, slots, head_dim), jnp.bfloat16)
+          for key in keys[1:])
+  held = 2 * int(lengths.sum()) * heads * head_dim * 2
+  for backend in ("gpu", "reference"):
+    row = dict(section="engine", case=f"decode attention B{batch} H{heads} S{slots} D{head_dim}",
+               backend=backend, batch=batch)
+    if clock.left("engine") <= 0:
+      _skip(report, row, "skipped: over the section's time")
+      continue
+    try:
+      fn = jax.jit(lambda q, k, v, n, b=backend: kernels.decode_attention(
+          q, k, v, n, backend=b, interpret=not _on_gpu()))
+      seconds = _time_calls(lambda: fn(q, k, v, lengths), 3)
+    except Exception as err:
+      report.add(dict(row, status="error", note=_one_line(err)))
+      continue
+    roofline = None if bandwidth is None else held / bandwidth
+    report.add(dict(row, status="ok", ms_per_step=1e3 * seconds, kv_bytes_per_step=held,
+                    roofline_ms=None if roofline is None else 1e3 * roofline,
+                    roofline_fraction=None if roofline is None else roofline / seconds))
+
+
+def _engine_slots(engine, slots, capacity, positions, seed=0):
+  """An engine state whose slots all run, each at its own position, with random
+  keys in its cache (what a filled engine holds; no prefill to compile)."""
+  from paxgpt.decoding import engine as engine_lib
+  model = engine.model
+  vocab = engine.config.padded_vocab_size
+
+  def make(key):
+    state = engine_lib.empty_slots(model, slots, capacity, vocab)
+    keys = jax.random.split(key, len(jax.tree.leaves(state.cache)) + 1)
+    leaves, treedef = jax.tree.flatten(state.cache)
+    cache = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype)
+                               for k, x in zip(keys[1:], leaves)])
+    tokens = jax.random.randint(keys[0], state.tokens.shape, 1, engine.config.vocab_size)
+    position = jnp.asarray(positions, jnp.int32)
+    return state.replace(cache=cache, tokens=tokens, position=position,
+                         last=tokens[jnp.arange(slots), position],
+                         finish=jnp.zeros(slots, jnp.int32),
+                         rows=state.rows.replace(max_tokens=jnp.full(slots, capacity)))
+  shardings = engine._shardings(jax.eval_shape(make, jax.random.key(seed)))
+  with engine.partitioner.activate():
+    return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
+
+
+def run_engine(plan, report, clock):
+  from paxgpt.decoding import engine as engine_lib
+  chip = accounting.CHIPS.get(accounting.chip_of(jax.devices()[0]), {})
+  bandwidth = chip.get("hbm_bandwidth")
+  _decode_kernel_rows(plan, report, clock, bandwidth)
+  partitioner = sharding.Partitioner(sharding.make_mesh(devices=jax.devices()[:1]))
+  low, high = plan.engine_positions
+  steps = plan.engine_steps
+  rules = sampling.Rules(sample=False, top_k=0, top_p=False, penalty=False, max_ngram=0)
+  for name in plan.engine_models:
+    config = model_config(name)
+    params = None
+    for slots in plan.engine_slots:
+      backend = config.attention_backend or kernels.default_backend()
+      row = dict(section="engine", case=f"{name} engine, positions {low}-{high}", model=name,
+                 backend=backend, batch=slots, steps_per_call=steps)
+      if clock.left("engine") <= 0:
+        _skip(report, row, "skipped: over the section's time")
+        continue
+      try:
+        if params is None:
+          params = sampling.decode_params(sampling.init_params(config, partitioner), config,
+                                          partitioner, consume=True)
+        engine = engine_lib.Engine(config, params, partitioner, eos_id=None, slots=slots,
+                                   steps_per_call=steps)
+        capacity = -(-(high + steps * (plan.engine_calls + 1) + 1) // 128) * 128
+        positions = np.random.default_rng(slots).integers(low, high + 1, slots)
+        state = {"s": _engine_slots(engine, slots, capacity, positions)}
+        stop = np.zeros(slots, bool)
+
+        def call():
+          state["s"], out = engine._generate(state["s"], stop, rules)
+          return out
+        seconds = _time_calls(call, plan.engine_calls)
+      except Exception as err:  # OOM or a shape the kernels refuse: record, go on
+        report.add(dict(row, status="error", note=_one_line(err)))
+        continue
+      weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+      # The timed calls ran from (1 + calls // 2) calls in on average: the rows' mean length.
+      middle = positions + steps * (1 + plan.engine_calls / 2)
+      kv_bytes = _held_kv_bytes(config, middle, capacity)
+      step_s = seconds / steps
+      roofline_s = None if bandwidth is None else (weight_bytes + kv_bytes) / bandwidth
+      report.add(dict(row, status="ok", tokens_per_s=slots / step_s, ms_per_step=1e3 * step_s,
+                      weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes,
+                      buffer_kv_bytes=_kv_bytes_per_step(config, slots, capacity),
+                      roofline_ms=None if roofline_s is None else 1e3 * roofline_s,
+                      roofline_fraction=None if roofline_s is None else roofline_s / step_s))
+      del engine, state
+    del params
+    gc.collect()
+
+
 RUNNERS = {"kernels": run_kernels, "attention": run_attention, "tune": run_tune,
-           "train": run_train, "decode": run_decode}
+           "train": run_train, "decode": run_decode, "engine": run_engine}
 
 
 def main(argv=None):
@@ -694,7 +852,8 @@ def main(argv=None):
         "dv; attention TF/s counts visible pairs (4*B*H*D*pairs fwd, 2.5x for bwd); "
         "vs cuDNN = cuDNN time / this time; train memory = the compiled step's plan "
         "(arguments + outputs - donated + temporaries); decode roofline = (weights + KV "
-        "cache bytes per step) / HBM bandwidth / measured step time")
+        "cache bytes per step) / HBM bandwidth / measured step time; engine roofline "
+        "counts the KV cache the slots hold (the kernel's reads), not the buffer")
   return 1 if counts["FAIL"] else 0
 
 

@@ -1,8 +1,11 @@
-"""Benchmark: `paxgpt import` and `paxgpt export` of a random GPT-Neo-shaped
-checkpoint (not a test). Prints a table: wall time, GB/s of parameters, and
-peak resident memory against the model's size in bytes (goal: <= 1.5x).
+"""Benchmark: `paxgpt import`, `paxgpt sample` and `paxgpt export` of a random
+GPT-Neo-shaped checkpoint (not a test). Prints a table: wall time, GB/s of
+parameters, and peak resident memory against the model's size in bytes (goals:
+import and export <= 1.5x; sample, which holds one copy of the weights, <= 1.3x
+above the baseline).
 
   python -m paxgpt.bench.hf --shape=1.3b --workdir=/tmp/bench_hf [--keep]
+      [--phases=import,sample,export]
 
 Each command runs in its own process, so its peak resident memory
 (ru_maxrss of that child) is its own; a process that only imports the same
@@ -95,7 +98,10 @@ def main():
   parser.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
   parser.add_argument("--workdir", default="/tmp/bench_hf")
   parser.add_argument("--keep", action="store_true", help="keep the files written")
+  parser.add_argument("--phases", default="import,sample,export",
+                      help="which commands to measure (import always runs)")
   args = parser.parse_args()
+  phases = args.phases.split(",")
   shutil.rmtree(args.workdir, ignore_errors=True)
   source = os.path.join(args.workdir, "hf")
   start = time.time()
@@ -108,8 +114,16 @@ def main():
   pax = os.path.join(args.workdir, "pax")
   rows.append(("import",) + run_child(_command("import", f"--hf_dir={source}",
                                                f"--model_dir={pax}")))
-  rows.append(("export",) + run_child(_command("export", f"--model_dir={pax}",
-                                               f"--hf_dir={os.path.join(args.workdir, 'out')}")))
+  if "sample" in phases:  # two short prompts: the weights dominate, not the cache
+    prompts, out = (os.path.join(args.workdir, name) for name in ("in.jsonl", "out.jsonl"))
+    with open(prompts, "w") as f:
+      f.write('{"prompt": "a small text"}\n{"prompt": "for a small vocabulary", "n": 2}\n')
+    rows.append(("sample",) + run_child(_command(
+        "sample", f"--gin.CHECKPOINT_DIR='{pax}'", f"--prompts={prompts}", f"--output={out}",
+        "--gin.SampleConfig.max_tokens=4", "--gin.SampleConfig.slots=8")))
+  if "export" in phases:
+    rows.append(("export",) + run_child(_command(
+        "export", f"--model_dir={pax}", f"--hf_dir={os.path.join(args.workdir, 'out')}")))
   base = rows[0][2]
   print("\n| phase | wall s | GB/s | peak RSS GB | peak / model | (peak - baseline) / model |")
   print("| --- | --- | --- | --- | --- | --- |")

@@ -2,74 +2,94 @@
 
   paxgpt sample --gin.CHECKPOINT_DIR="'runs/demo'" --prompts=IN.jsonl --output=OUT.jsonl
 
-The model config and vocabulary are the ones MODEL_DIR carries (model.json,
-paxgpt/store/model_dir.py); a model gin file given as well must match them.
+The model config, vocabulary and prompt convention are the ones MODEL_DIR
+carries (model.json, paxgpt/store/model_dir.py); a model gin file given as well
+must match them.
 
 Each input line is a JSON object with `prompt` and optional settings:
   n (samples, or best beams), max_tokens, stop (a string or a list, matched on the
   decoded text and cut off), temperature (0 = greedy), greedy (true = temperature 0),
   top_k, top_p, seed, repetition_penalty, no_repeat_ngram_size, beam_size (beam
-  search instead of sampling), length_penalty (beam search's alpha, 0.6), id (echoed).
+  search instead of sampling), length_penalty (beam search's alpha, 0.6),
+  prompt_start ("eos" or "none": whether the prompt's ids follow an EOS; default
+  MODEL_DIR's), id (echoed).
 Each output line, in input order, has `line`, `prompt`, `completions` (n strings),
 `tokens` (their ids) and `finish_reason` (stop, length or eos) per completion, or
 `error` naming the line and the field when the request was bad. The other lines are
 still processed; the exit code is 1 when any line failed. One line may ask for at
 most SampleConfig.max_n samples, max_beam_size beams and max_request_tokens
-tokens (n or beam_size x max_tokens); numbers must be finite.
+tokens (n or beam_size x max_tokens); numbers must be finite and fit the
+device's float32 / int32.
 
-The output is checked before any work (a missing directory, a directory, a
-read-only file is a UsageError). Lines are decoded in chunks of consecutive input
-lines and written as each chunk completes, in input order, to OUTPUT.partial,
-renamed to OUTPUT at the end: a run that dies keeps the lines it finished there
-and says how many.
+Sampling requests (one engine request per sample) go through the continuous-
+batching engine (paxgpt/decoding/engine.py): SampleConfig.slots rows decode
+together and a finished row's slot takes the next request. Beam-search requests
+batch with others of the same beam size and max_tokens in the static Decoder
+(paxgpt/decoding/sampling.py), after the sampling ones. Both share one copy of
+the weights, converted to the decoding layout leaf by leaf as they are restored.
+
+The output survives a crash (paxgpt/decoding/output.py): finished lines go to
+OUTPUT.partial as they finish, and the same command run again continues from it,
+after checking it belongs to the same prompts file, checkpoint and settings.
+OUTPUT is written, in input order, only at the end. SIGTERM stops the run
+between two decode calls and says how many lines are kept, and where.
 
 This module is the sampler's TensorFlow side (the vocabulary comes from
-paxgpt/data/loader.py); paxgpt/decoding/sampling.py is JAX only. Prompts are encoded with the
-training vocabulary and start from EOS, as every
-document does in training (paxgpt/data/loader.py). Sampling requests are split into one row
-per sample and batched up to `SampleConfig.batch_size` rows; beam-search requests
-batch with others of the same beam size and max_tokens.
+paxgpt/data/loader.py); sampling.py and engine.py are JAX only.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import secrets
+import signal
 import sys
 from typing import Any
 
 import gin
 import jax
+import numpy as np
 
 from paxgpt.store import checkpoint
 from paxgpt.data import loader
 from paxgpt.store import model_dir
+from paxgpt.decoding import engine as engine_lib
+from paxgpt.decoding import output as output_lib
 from paxgpt.decoding import sampling
 from paxgpt.model import sharding
 from paxgpt.config.checks import check_types
-from paxgpt.errors import ConfigError, UsageError
+from paxgpt.errors import ConfigError, RunError, UsageError
 from paxgpt.progress import Progress
 
 MAX_SEED = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+INT32_MAX = 2**31 - 1
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
   """checkpoint_dir: the training run's MODEL_DIR (its latest checkpoint, or --step).
-  batch_size: rows (prompt x sample, or prompt x beam) decoded together.
+  slots: rows the engine decodes together (rounded up to the mesh's batch shards);
+    beam search decodes up to this many rows (prompt x beam) per batch.
+  steps_per_call: tokens each slot decodes per compiled call; between calls finished
+    rows leave, new ones come in, and stop strings are checked.
+  prefill_tokens: prompt tokens packed into one prefill call per data replica.
   max_tokens ... length_penalty: defaults for requests (sampling.DEFAULTS unless set).
-  seed: the seed of requests that give none (None: a fresh random one, reported).
-  prompt_bucket: prompt widths and decode lengths are rounded up to a multiple of
-    this (and batches to a power of two), so batches share compiled programs.
-  stop_check_every: tokens decoded between checks for stop strings.
+  seed: the seed of requests that give none (None: a fresh random one per request,
+    reported with it).
+  prompt_bucket: beam search's prompt widths are rounded up to a multiple of this
+    (batches to a power of two), so batches share compiled programs.
   vocabulary: a vocabulary spec (tasks/vocabularies.py); None: DataConfig's.
   max_n, max_beam_size, max_request_tokens: caps on one request line (n; beam_size;
     n or beam_size x max_tokens), so that one line cannot exhaust the host."""
   checkpoint_dir: str | None = None
-  batch_size: int = 8
+  slots: int = 32
+  steps_per_call: int = 8
+  prefill_tokens: int = 512
   max_tokens: int = sampling.DEFAULTS.max_tokens
   temperature: float = sampling.DEFAULTS.temperature
   top_k: int = sampling.DEFAULTS.top_k
@@ -79,7 +99,6 @@ class SampleConfig:
   length_penalty: float = sampling.DEFAULTS.length_penalty
   seed: int | None = None
   prompt_bucket: int = 16
-  stop_check_every: int = 16
   vocabulary: str | None = None
   max_n: int = 1024
   max_beam_size: int = 64
@@ -87,10 +106,18 @@ class SampleConfig:
 
   def __post_init__(self):
     check_types(self)
-    for name in ("batch_size", "max_tokens", "prompt_bucket", "stop_check_every", "max_n",
-                 "max_beam_size", "max_request_tokens"):
+    for name in ("slots", "steps_per_call", "prefill_tokens", "max_tokens", "prompt_bucket",
+                 "max_n", "max_beam_size", "max_request_tokens"):
       if getattr(self, name) < 1:
         raise ConfigError(f"SampleConfig.{name}={getattr(self, name)} must be >= 1")
+
+  def fingerprint(self):
+    """The settings a request's tokens depend on (not how the work is scheduled)."""
+    out = dataclasses.asdict(self)
+    for name in ("checkpoint_dir", "slots", "steps_per_call", "prefill_tokens",
+                 "prompt_bucket"):
+      del out[name]
+    return out
 
 
 class RequestError(ValueError):
@@ -106,7 +133,7 @@ class Request:
   """A validated line; parse_request fills every setting (defaults: SampleConfig)."""
   line: int
   prompt: str
-  ids: list  # EOS + the encoded prompt
+  ids: list  # the prompt's ids: EOS first when prompt_start is "eos"
   n: int
   max_tokens: int
   stop: list
@@ -121,22 +148,20 @@ class Request:
   id: Any = None
 
 
-def _int(line, field, value, low, high=None):
-  if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-      high is not None and value > high):
-    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise RequestError(f"line {line}: field {field!r} must be an integer {bound}, got "
-                       f"{json.dumps(value)}")
+def _int(line, field, value, low, high=INT32_MAX):
+  if isinstance(value, bool) or not isinstance(value, int) or value < low or value > high:
+    raise RequestError(f"line {line}: field {field!r} must be an integer in [{low}, {high}], "
+                       f"got {json.dumps(value)}")
   return value
 
 
 def _float(line, field, value, low, high=None, low_open=False):
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-  if not ok:
+  if not ok or abs(value) > FLOAT32_MAX:
     bound = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
-    raise RequestError(f"line {line}: field {field!r} must be a finite number {bound}, got "
-                       f"{json.dumps(value)}")
+    raise RequestError(f"line {line}: field {field!r} must be a finite number {bound} that "
+                       f"fits float32, got {json.dumps(value)}")
   return float(value)
 
 
@@ -148,14 +173,28 @@ def _stop(line, value):
   return value
 
 
+def _check_text(line, obj):
+  """Every string of the line must be text: JSON lets a lone surrogate ("\\ud800")
+  through, which no vocabulary encodes and no UTF-8 file can hold."""
+  for field, value in obj.items():
+    try:
+      json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+      raise RequestError(f"line {line}: field {field!r} holds a lone surrogate (e.g. "
+                         f"\"\\ud800\"), which is not text") from None
+
+
 SAMPLING_ONLY = ("temperature", "greedy", "top_k", "top_p", "seed", "repetition_penalty",
                  "no_repeat_ngram_size")
 REQUEST_FIELDS = ("prompt", "n", "max_tokens", "stop", "beam_size", "length_penalty",
-                  "id") + SAMPLING_ONLY
+                  "prompt_start", "id") + SAMPLING_ONLY
 
 
-def parse_request(line, text, config: SampleConfig, vocab, max_len) -> Request:
-  """One JSONL line -> a validated Request (RequestError naming line and field)."""
+def parse_request(line, text, config: SampleConfig, vocab, max_len, prompt_start="eos",
+                  seed_base=None) -> Request:
+  """One JSONL line -> a validated Request (RequestError naming line and field).
+  prompt_start: MODEL_DIR's convention (a line's own field overrides it);
+  seed_base: where the seeds of lines without one come from (None: fresh random)."""
   try:
     obj = json.loads(text)
   except json.JSONDecodeError as e:
@@ -169,6 +208,7 @@ def parse_request(line, text, config: SampleConfig, vocab, max_len) -> Request:
   if not isinstance(obj.get("prompt"), str):
     raise RequestError(f"line {line}: field 'prompt' must be a string"
                        + ("" if "prompt" in obj else " and is missing"))
+  _check_text(line, obj)
   beam_size = (_int(line, "beam_size", obj["beam_size"], 1, config.max_beam_size)
                if "beam_size" in obj else 0)
   if beam_size:
@@ -183,8 +223,16 @@ def parse_request(line, text, config: SampleConfig, vocab, max_len) -> Request:
       raise RequestError(f"line {line}: field 'greedy' must be true or false")
     if obj["greedy"]:
       temperature = 0.0
+  start = obj.get("prompt_start", prompt_start)
+  if start not in model_dir.PROMPT_STARTS:
+    raise RequestError(f"line {line}: field 'prompt_start' must be one of "
+                       f"{list(model_dir.PROMPT_STARTS)}, got {json.dumps(start)}")
   seed = obj.get("seed", config.seed)
-  seed = secrets.randbelow(MAX_SEED) if seed is None else _int(line, "seed", seed, 0, MAX_SEED)
+  if seed is None:
+    seed = (secrets.randbelow(MAX_SEED) if seed_base is None else
+            int(np.random.default_rng([seed_base, line]).integers(MAX_SEED)))
+  else:
+    seed = _int(line, "seed", seed, 0, MAX_SEED)
   request = Request(
       line=line, prompt=obj["prompt"], ids=[], n=n,
       max_tokens=_int(line, "max_tokens", obj.get("max_tokens", config.max_tokens), 1),
@@ -198,22 +246,33 @@ def parse_request(line, text, config: SampleConfig, vocab, max_len) -> Request:
       repetition_penalty=_float(line, "repetition_penalty",
                                 obj.get("repetition_penalty", config.repetition_penalty),
                                 0.0, low_open=True),
+      # An n-gram longer than the context never repeats; the cap bounds the compiled ban.
       no_repeat_ngram_size=_int(line, "no_repeat_ngram_size",
                                 obj.get("no_repeat_ngram_size", config.no_repeat_ngram_size),
-                                0),
+                                0, max_len),
       id=obj.get("id"))
   rows = beam_size or n
   if rows * request.max_tokens > config.max_request_tokens:
     raise RequestError(f"line {line}: {'beam_size' if beam_size else 'n'}={rows} x max_tokens="
                        f"{request.max_tokens} exceeds the cap of {config.max_request_tokens} "
                        f"tokens per line (SampleConfig.max_request_tokens)")
-  request.ids = [vocab.eos_id] + list(vocab.encode(request.prompt))
+  request.ids = prompt_ids(vocab, request.prompt, start)
   if len(request.ids) + request.max_tokens > max_len:
     raise RequestError(
-        f"line {line}: field 'prompt' is {len(request.ids)} tokens (with the leading EOS) and "
-        f"max_tokens={request.max_tokens}; together they exceed the model's context of "
-        f"{max_len} tokens")
+        f"line {line}: field 'prompt' is {len(request.ids)} tokens"
+        f"{' (with the leading EOS)' if start == 'eos' else ''} and max_tokens="
+        f"{request.max_tokens}; together they exceed the model's context of {max_len} tokens")
   return request
+
+
+def prompt_ids(vocab, text, prompt_start):
+  """A prompt's ids under a prompt convention (model_dir.PROMPT_STARTS): "eos" puts
+  EOS first, as every training document follows one (paxgpt/data/loader.py);
+  "none" takes the tokenizer's ids as they are, as transformers'
+  `generate(tokenizer(prompt))` does. An empty prompt is EOS either way (there
+  must be a token to continue from, as lm-eval's prefix token)."""
+  ids = list(vocab.encode(text))
+  return [vocab.eos_id] + ids if prompt_start == "eos" or not ids else ids
 
 
 # ---------------------------------------------------------------------------
@@ -251,42 +310,29 @@ def _rows_to(count, batch_size):
   return min(batch_size, 1 << (count - 1).bit_length())
 
 
-def _run_sampling(decoder, vocab, requests, config, max_len, results):
-  rows = [(r, i) for r in requests for i in range(r.n)]
-  rows.sort(key=lambda row: len(row[0].ids))  # similar lengths batch together
-  for start in range(0, len(rows), config.batch_size):
-    batch = rows[start:start + config.batch_size]
-    reqs = [r for r, _ in batch]
-    settings = sampling.make_rows(
-        len(batch), temperature=[r.temperature for r in reqs], top_k=[r.top_k for r in reqs],
-        top_p=[r.top_p for r in reqs], repetition_penalty=[r.repetition_penalty for r in reqs],
-        no_repeat_ngram_size=[r.no_repeat_ngram_size for r in reqs],
-        max_tokens=[r.max_tokens for r in reqs], seeds=[r.seed for r in reqs],
-        sample_indices=[i for _, i in batch])
-    width = _round_up(max(len(r.ids) for r in reqs), config.prompt_bucket, max_len)
-
-    def should_stop(row, ids):
-      stop = reqs[row].stop
-      return bool(stop) and any(s in vocab.decode(ids) for s in stop)
-
-    any_stop = any(r.stop for r in reqs)
-    max_new = _round_up(max(r.max_tokens for r in reqs), config.prompt_bucket, max_len)
-    ids, finish = decoder.sample(
-        [r.ids for r in reqs], settings, width=width, max_new_tokens=max_new,
-        rows_to=_rows_to(len(batch), config.batch_size),
-        chunk=config.stop_check_every if any_stop else None,
-        should_stop=should_stop if any_stop else None)
-    for (request, index), row_ids, row_finish in zip(batch, ids, finish):
-      results[request.line]["samples"][index] = _completion(row_ids, row_finish, request.stop,
-                                                            vocab)
+def _engine_requests(requests, vocab):
+  """(engine requests, (request, sample index) of each): one per sample."""
+  out, owners = [], []
+  for r in requests:
+    stop = None
+    if r.stop:
+      stop = lambda ids, words=r.stop: any(s in vocab.decode(ids) for s in words)
+    for index in range(r.n):
+      out.append(engine_lib.Request(
+          ids=r.ids, max_tokens=r.max_tokens, key=sampling.row_key(r.seed, index),
+          temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+          repetition_penalty=r.repetition_penalty,
+          no_repeat_ngram_size=r.no_repeat_ngram_size, stop=stop))
+      owners.append((r, index))
+  return out, owners
 
 
-def _run_beams(decoder, vocab, requests, config, max_len, results):
+def _run_beams(decoder, vocab, requests, config, max_len, results, done):
   groups = {}
   for r in requests:
     groups.setdefault((r.beam_size, r.max_tokens), []).append(r)
   for (beam_size, max_tokens), group in groups.items():
-    per_batch = max(1, config.batch_size // beam_size)
+    per_batch = max(1, config.slots // beam_size)
     for start in range(0, len(group), per_batch):
       reqs = group[start:start + per_batch]
       width = _round_up(max(len(r.ids) for r in reqs), config.prompt_bucket, max_len)
@@ -299,48 +345,50 @@ def _run_beams(decoder, vocab, requests, config, max_len, results):
           out["samples"][beam] = _completion(ids[row][beam], finish[row, beam], request.stop,
                                              vocab)
           out["scores"].append(float(scores[row, beam]))
+        done(request.line)
 
 
-# Rows (prompt x sample or beam) decoded per chunk of consecutive lines, in batches:
-# enough to batch similar lengths together, few enough that finished lines are
-# written out early.
-CHUNK_BATCHES = 8
-
-
-def run_requests(decoder, vocab, lines, config: SampleConfig, max_len, emit=None):
+def run_requests(engine, decoder, vocab, lines, config: SampleConfig, max_len, emit=None,
+                 skip=(), prompt_start="eos", seed_base=None, interrupted=None):
   """Process JSONL lines (strings); returns (output objects in input order, error count).
-  `emit(output)` is called for each output, in input order, as soon as its chunk of
-  lines is decoded."""
-  results, requests, errors, outputs, rows = {}, [], 0, [], 0
+  `emit(output)` is called for each line as soon as it is finished (bad lines
+  first, then in the order they finish). Line numbers in `skip` were finished by
+  an earlier run. interrupted: see Engine.run (raises engine.Interrupted)."""
+  results, requests, errors, outputs = {}, [], 0, []
 
-  def finish_chunk():
-    _run_sampling(decoder, vocab, [r for r in requests if not r.beam_size], config, max_len,
-                  results)
-    _run_beams(decoder, vocab, [r for r in requests if r.beam_size], config, max_len, results)
-    for k in sorted(results):
-      outputs.append(_output(results.pop(k)))
-      if emit is not None:
-        emit(outputs[-1])
-    requests.clear()
+  def done(line):
+    outputs.append(_output(results.pop(line)))
+    if emit is not None:
+      emit(outputs[-1])
 
   for number, text in enumerate(lines, start=1):
-    if not text.strip():
+    if number in skip or not text.strip():
       continue
     try:
-      request = parse_request(number, text, config, vocab, max_len)
+      request = parse_request(number, text, config, vocab, max_len, prompt_start, seed_base)
     except RequestError as e:
       errors += 1
       results[number] = {"line": number, "error": str(e)}
+      done(number)
       continue
     requests.append(request)
     results[number] = {"line": number, "request": request, "samples": [None] * request.n,
-                       "scores": []}
-    rows += request.beam_size or request.n
-    if rows >= CHUNK_BATCHES * config.batch_size:
-      finish_chunk()
-      rows = 0
-  finish_chunk()
-  return outputs, errors
+                       "scores": [], "left": request.n}
+
+  rows, owners = _engine_requests([r for r in requests if not r.beam_size], vocab)
+
+  def on_finish(index, ids, finish):
+    request, sample = owners[index]
+    result = results[request.line]
+    result["samples"][sample] = _completion(ids, finish, request.stop, vocab)
+    result["left"] -= 1
+    if not result["left"]:
+      done(request.line)
+
+  engine.run(rows, on_finish, interrupted)
+  _run_beams(decoder, vocab, [r for r in requests if r.beam_size], config, max_len, results,
+             done)
+  return sorted(outputs, key=lambda o: o["line"]), errors
 
 
 def _output(result):
@@ -378,90 +426,175 @@ def load_vocabulary(config: SampleConfig, model_vocab_size, model_vocabulary=Non
     loader.check_model_vocab_size(data_config, model_vocab_size)
   except loader.DataError as e:
     raise UsageError(str(e)) from e
-  return vocab
+  return vocab, spec
 
 
 def read_prompts(prompts):
-  """The lines of the --prompts file (UsageError naming the file, and the line where
-  it is not UTF-8)."""
+  """(the lines of the --prompts file, its raw bytes): a UsageError naming the
+  file when it cannot be read, is not UTF-8 (and the line), or holds no request."""
   try:
     with open(prompts, "rb") as f:
       raw = f.read()
   except OSError as e:
     raise UsageError(f"--prompts={prompts}: {e.strerror}") from e
   try:
-    return raw.decode("utf-8").splitlines()
+    lines = raw.decode("utf-8").splitlines()
   except UnicodeDecodeError as e:
     line = raw.count(b"\n", 0, e.start) + 1
     raise UsageError(f"--prompts={prompts} line {line}: not UTF-8 ({e.reason})") from None
+  if not any(line.strip() for line in lines):
+    raise UsageError(f"--prompts={prompts}: no request lines (the file is empty or blank); "
+                     f"nothing was written")
+  return lines, raw
 
 
-def open_output(output):
-  """(OUTPUT.partial, its file opened for writing): an --output that cannot be
-  written is a UsageError here, before any sampling."""
-  if os.path.isdir(output):
-    raise UsageError(f"--output={output}: is a directory")
-  if os.path.exists(output) and not os.access(output, os.W_OK):
-    raise UsageError(f"--output={output}: the file is read-only")
-  partial = output + ".partial"
+def _model(config: SampleConfig, step):
+  """(model config, vocabulary, its spec, prompt convention, checkpoint step) of
+  SampleConfig.checkpoint_dir: all a run needs before it takes its output."""
+  directory = config.checkpoint_dir
+  model_config, model_vocabulary = model_dir.resolve(directory)
+  vocab, spec = load_vocabulary(config, model_config.vocab_size, model_vocabulary)
+  if not os.path.isdir(checkpoint.checkpoint_dir(directory)):
+    raise UsageError(f"no checkpoint in {directory!r} (no {checkpoint.CHECKPOINT_SUBDIR}/ "
+                     f"directory)")
+  checkpointer = checkpoint.Checkpointer(directory, read_only=True)
   try:
-    return partial, open(partial, "w", encoding="utf-8")
-  except OSError as e:
-    raise UsageError(f"--output={output}: cannot write {partial}: {e.strerror}") from None
+    step = checkpoint.resolve_step(checkpointer, directory, step)
+  finally:
+    checkpointer.close()
+  return model_config, vocab, spec, model_dir.prompt_start(directory), step
 
 
-def _decoder(config, step, mesh):
-  model_config, model_vocabulary = model_dir.resolve(config.checkpoint_dir)
-  vocab = load_vocabulary(config, model_config.vocab_size, model_vocabulary)
-  partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+def load_decoders(model_config, vocab, checkpoint_dir, step, partitioner, config):
+  """(engine, beam decoder) over one copy of the checkpoint's weights in the
+  decoding layout (converted leaf by leaf as restored: no second copy)."""
   abstract, shardings = sampling.abstract_params(model_config, partitioner)
-  params = checkpoint.restore_params(config.checkpoint_dir,
-                                     sharding.with_shardings(abstract, shardings), step=step)
-  return model_config, vocab, sampling.Decoder(model_config, params, partitioner, vocab.eos_id)
+  params = checkpoint.restore_params(checkpoint_dir, sharding.with_shardings(abstract, shardings),
+                                     step=step)
+  params = sampling.decode_params(params, model_config, partitioner, consume=True)
+  slots = -(-config.slots // partitioner.shards("batch")) * partitioner.shards("batch")
+  engine = engine_lib.Engine(model_config, params, partitioner, vocab.eos_id, slots=slots,
+                             steps_per_call=config.steps_per_call,
+                             prefill_tokens=config.prefill_tokens)
+  return engine, sampling.Decoder(model_config, params, partitioner, vocab.eos_id)
+
+
+class _Sigterm:
+  """SIGTERM asks the run to stop between two decode calls; with several
+  processes the flag is OR-ed over all of them, so all stop at the same call."""
+
+  def __init__(self):
+    self.raised, self._previous = False, None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __call__(self):
+    return bool(_all_processes(np.int32(self.raised)).any())
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _all_processes(value):
+  """[processes] of `value` (one small all-gather when there are several)."""
+  if jax.process_count() == 1:
+    return np.asarray([value])
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
+def _from_process_0(values):
+  """Process 0's int64 array, on every process (its length first, then itself)."""
+  if jax.process_count() == 1:
+    return np.asarray(values, np.int64)
+  from jax.experimental import multihost_utils
+  values = np.asarray(values, np.int64)
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(values.size)))
+  if jax.process_index() != 0:
+    values = np.zeros(size, np.int64)
+  return np.asarray(multihost_utils.broadcast_one_to_all(values))
 
 
 def sample_file(prompts, output, step=None, mesh=None):
   """Sample every request line of the JSONL file `prompts` into `output`, from
   SampleConfig.checkpoint_dir's checkpoint `step` (default latest) restored onto
-  `mesh` (default sharding.make_mesh()). Returns the exit code: 1 when a line
-  failed, else 0."""
+  `mesh` (default sharding.make_mesh()), continuing from output's partial file
+  when an earlier run of the same command left one. Returns the exit code: 1
+  when a line failed, else 0."""
   config = SampleConfig()
   if not config.checkpoint_dir:
     raise UsageError("no checkpoint directory: pass --gin.CHECKPOINT_DIR=\"'DIR'\" "
                      "(the training run's MODEL_DIR)")
-  lines = read_prompts(prompts)
+  lines, raw = read_prompts(prompts)
   total = sum(1 for line in lines if line.strip())
-  partial, out_file = open_output(output) if jax.process_index() == 0 else (None, None)
-  written = 0
-
-  def emit(out):
-    nonlocal written
-    if out_file is not None:
-      out_file.write(json.dumps(out, ensure_ascii=False) + "\n")
-      out_file.flush()
-    written += 1
-    progress.update(1)
-
+  model_config, vocab, spec, prompt_start, step = _model(config, step)
+  fingerprint = {"prompts_sha256": hashlib.sha256(raw).hexdigest(),
+                 "checkpoint": os.path.abspath(config.checkpoint_dir), "step": int(step),
+                 "model": model_dir.config_dict(model_config), "vocabulary": spec,
+                 "prompt_start": prompt_start, "settings": config.fingerprint()}
+  chief = jax.process_index() == 0
+  out, refused = None, None
+  if chief:
+    try:
+      out = output_lib.OutputFile.open(output, fingerprint)
+    except UsageError as e:
+      refused = e
+  done = _from_process_0([-1] if refused else sorted(out.done) if out else [])
+  if refused is not None:
+    raise refused
+  if done.size and done[0] == -1:
+    raise UsageError(f"--output={output}: process 0 could not take it (see its error)")
+  skip = set(int(d) for d in done)
+  seed_base = int(_from_process_0([secrets.randbelow(MAX_SEED)])[0])
+  kept_errors = 0 if out is None else sum("error" in json.loads(line)
+                                          for line in out.done.values())
   try:
-    model_config, vocab, decoder = _decoder(config, step, mesh)
-    with Progress(total, "sample", unit="lines") as progress:
-      outputs, errors = run_requests(decoder, vocab, lines, config, model_config.max_len,
-                                     emit)
+    with _Sigterm() as sigterm:  # from here on SIGTERM ends the run with the lines kept
+      partitioner = sharding.Partitioner(mesh if mesh is not None else sharding.make_mesh())
+      engine, decoder = load_decoders(model_config, vocab, config.checkpoint_dir, step,
+                                      partitioner, config)
+      with Progress(total - len(skip), "sample", unit="lines") as progress:
+
+        def emit(obj):
+          if out is not None:
+            out.write(obj)
+          progress.update(1)
+
+        outputs, errors = run_requests(engine, decoder, vocab, lines, config,
+                                       model_config.max_len, emit, skip, prompt_start,
+                                       seed_base, interrupted=sigterm)
+  except engine_lib.Interrupted:
+    kept = len(skip) + (out.written if out else 0)
+    if out is not None:
+      out.close()
+    raise RunError(f"sample stopped by SIGTERM after {kept} of {total} lines; the finished "
+                   f"lines are kept in {output}.partial: run the same command again to "
+                   f"continue") from None
   except BaseException:
-    if out_file is not None:
-      out_file.close()
-      if written:
-        print(f"paxgpt sample: stopped after {written} of {total} lines; the finished "
-              f"lines are in {partial}", file=sys.stderr, flush=True)
-      else:
-        os.remove(partial)
+    if out is not None:
+      kept = len(skip) + out.written
+      out.close()
+      if kept:
+        print(f"paxgpt sample: stopped after {kept} of {total} lines; the finished "
+              f"lines are kept in {output}.partial", file=sys.stderr, flush=True)
     raise
-  if out_file is not None:
-    out_file.close()
-    os.replace(partial, output)
-  done = len(outputs) - errors
-  print(f"paxgpt sample: {done} prompts completed, {errors} failed -> {output}")
-  for out in outputs:
-    if "error" in out:
-      print(f"paxgpt sample: error: {out['error']}")
+  if out is not None:
+    out.finish()
+  errors += kept_errors
+  finished = len(outputs) + len(skip)
+  print(f"paxgpt sample: {finished - errors} prompts completed, {errors} failed -> {output}"
+        + (f" ({len(skip)} kept from an earlier run)" if skip else ""))
+  for obj in outputs:
+    if "error" in obj:
+      print(f"paxgpt sample: error: {obj['error']}")
   return 1 if errors else 0

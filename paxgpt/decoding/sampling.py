@@ -1,10 +1,14 @@
-"""Decoding from a GPT: prefill, a KV-cached decode loop, sampling rules, beam search.
+"""Decoding from a GPT: sampling rules, the static sampler (prefill and a KV-cached
+decode loop over one batch), beam search, the decoding layout of the weights.
 
 Pure functions of (model, params, arrays) in the style of t5x's decoding.py;
 JAX only (no TF/seqio), so they run on an accelerator box. The host side (JSONL,
 vocabularies, checkpoints) is paxgpt/decoding/offline.py; `Decoder` below jits these
-functions for a mesh and is the API callers use: `sample`, `beam`, and for
-benchmarks the two halves of `sample`, `prefill` and `decode`.
+functions for a mesh: `sample`, `beam`, and for benchmarks the two halves of
+`sample`, `prefill` and `decode`. The continuous-batching engine
+(paxgpt/decoding/engine.py), which `paxgpt sample` and few-shot generations use,
+shares the rules (`choose_tokens`, `Rules`, `SamplingRows`, `row_key`); the
+static sampler stays for beam search and as the engine's benchmark baseline.
 
 Layout: prompts are left-padded to a common width P, so every row's last prompt
 token sits at buffer position P - 1 and every row writes the same cache slot at
@@ -211,9 +215,11 @@ def top_p_mask(logits, p):
 def choose_tokens(logits, rows: SamplingRows, step, seen, banned, rules=Rules()):
   """The next token of every row: argmax for temperature 0, else a sample.
 
-  seen: [batch, vocab] bool, read when rules.penalty; banned: [batch, vocab]
-  bool or None (nothing banned). Each rule `rules` leaves off is skipped, which
-  is exact: on every row it would have been the identity."""
+  step: the number of tokens each row generated before this one (a scalar or
+  [batch]), folded into its PRNG key; seen: [batch, vocab] bool, read when
+  rules.penalty; banned: [batch, vocab] bool or None (nothing banned). Each rule
+  `rules` leaves off is skipped, which is exact: on every row it would have been
+  the identity."""
   if rules.penalty:
     logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
   if banned is not None:
@@ -229,7 +235,9 @@ def choose_tokens(logits, rows: SamplingRows, step, seen, banned, rules=Rules())
     scaled = top_k_mask(scaled, rows.top_k, rules.top_k)
   if rules.top_p:
     scaled = top_p_mask(scaled, rows.top_p)
-  keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(rows.keys)
+  steps = jnp.broadcast_to(step, rows.keys.shape[:1])
+  keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(rows.keys,
+                                                                                   steps)
   sampled = jax.vmap(jax.random.categorical)(keys, scaled)
   return jnp.where(rows.temperature > 0, sampled, greedy).astype(jnp.int32)
 
@@ -462,6 +470,48 @@ def init_params(config, partitioner, seed=0):
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
+def decode_params(params, config, partitioner, *, consume=False):
+  """`params` in the unrolled layer layout decoding uses (GPTConfig.scan_layers=
+  False); an unrolled tree is returned as is. A scanned tree is converted: with
+  one jitted copy, or with `consume`, leaf by leaf, deleting each stacked array
+  as soon as its periods are sliced out, so the peak is one copy of the weights
+  plus one leaf (the caller's tree is spent)."""
+  if "layers" not in params:
+    return params
+  config = dataclasses.replace(config, scan_layers=False)
+  _, shardings = abstract_params(config, partitioner)
+  periods = config.num_periods
+  if not consume:
+    with partitioner.activate():
+      return jax.jit(functools.partial(gpt_model.unstack_layers, num_periods=periods),
+                     out_shardings=shardings)(params)
+  tree = dict(params)
+  leaves, treedef = jax.tree.flatten(tree.pop("layers"))
+  targets = [jax.tree.leaves(shardings[f"layers_{i}"]) for i in range(periods)]
+  split = {}
+  for j in range(len(leaves)):
+    stacked, leaves[j] = leaves[j], None
+    out = tuple(t[j] for t in targets)
+    key = (stacked.shape, stacked.dtype, out)
+    if key not in split:
+      split[key] = jax.jit(lambda x: tuple(x[i] for i in range(periods)), out_shardings=out)
+    leaves[j] = split[key](stacked)
+    stacked.delete()
+  for i in range(periods):
+    tree[f"layers_{i}"] = treedef.unflatten([parts[i] for parts in leaves])
+  return tree
+
+
+def put_by_rows(partitioner, tree):
+  """Host arrays onto the mesh, split over batch by their first axis. Every process
+  passes the same values (multi-host runs decide the same batches)."""
+  def one(x):
+    x = np.asarray(x)
+    sharding = partitioner.sharding(("batch",) + (None,) * (x.ndim - 1))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(one, tree)
+
+
 @dataclasses.dataclass
 class DecodeRun:
   """A batch being decoded (host side): what `Decoder.decode` continues."""
@@ -493,10 +543,11 @@ class Decoder:
   def _in_layout(self, params):
     if ("layers" in params) == self.config.scan_layers:
       return params
-    convert = gpt_model.unstack_layers if "layers" in params else gpt_model.stack_layers
+    if not self.config.scan_layers:
+      return decode_params(params, self.config, self.partitioner)
     _, shardings = abstract_params(self.config, self.partitioner)
     with self.partitioner.activate():
-      return jax.jit(functools.partial(convert, num_periods=self.config.num_periods),
+      return jax.jit(functools.partial(gpt_model.stack_layers, num_periods=self.config.num_periods),
                      out_shardings=shardings)(params)
 
   def _program(self, key, make):
@@ -510,8 +561,7 @@ class Decoder:
     return list(prompts) + [prompts[-1]] * (target - len(prompts)), len(prompts)
 
   def _put(self, tree):
-    return jax.device_put(tree, jax.tree.map(
-        lambda x: self.partitioner.sharding(("batch",) + (None,) * (np.ndim(x) - 1)), tree))
+    return put_by_rows(self.partitioner, tree)
 
   def prefill(self, prompts, rows: SamplingRows, *, width=None, max_new_tokens=None,
               rows_to=None, rules=None) -> DecodeRun:
@@ -585,7 +635,7 @@ class Decoder:
     alpha = np.concatenate([alpha, np.repeat(alpha[-1:], len(padded) - real)])
     fn = self._program(("beam", beam_size, max_new_tokens), lambda: jax.jit(functools.partial(
         beam_search, self.model, beam_size=beam_size, max_new_tokens=max_new_tokens,
-        eos_id=self.eos_id)))
+        eos_id=self.eos_id), out_shardings=self.partitioner.replicated()))  # every process reads
     with self.partitioner.activate():
       out = fn(self.params, self._put(jnp.asarray(tokens)), self._put(jnp.asarray(lengths)),
                self._put(jnp.asarray(alpha)))

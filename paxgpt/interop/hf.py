@@ -666,7 +666,9 @@ def import_hf(hf_dir, model_dir, mesh=None, dtype="float32"):
     params, nbytes = stream_params(weights, model_type, cfg, partitioner)
     _save_params(staging, params)
     del params
-    model_dir_lib.write(staging, cfg, f"gpt2:{vocab_dir}", _gin_text(cfg, hf_dir))
+    # Prompts start as transformers' generate(tokenizer(prompt)) has them: no EOS first.
+    model_dir_lib.write(staging, cfg, f"gpt2:{vocab_dir}", _gin_text(cfg, hf_dir),
+                        prompt_start="none")
   return {"model_type": model_type, "model_dir": os.path.abspath(model_dir),
           "parameter_bytes": nbytes, "wall_s": time.time() - start}
 

@@ -25,11 +25,14 @@ Invariants:
     a continuation longer than the context is a UsageError.
   - loglikelihood_rolling scores the harness's own rolling windows
     (lm_eval.utils.get_rolling_token_windows) through the same batches.
-  - generate_until runs the sampler's Decoder (KV cache, left padding) on the
-    prompt's last max_len - max_gen_toks tokens, with no EOS prepended (the `hf`
-    backend prepends none for GPT-2 tokenizers); greedy unless the request
-    samples; the text is cut at the first `until` string. Rows are checked for
-    stop strings every `stop_check_every` tokens and stop early.
+  - generate_until runs the decode engine (paxgpt/decoding/engine.py: slots
+    refilled as rows finish) on the prompt's last max_len - max_gen_toks tokens,
+    starting as MODEL_DIR's prompts do (model_dir.prompt_start, as `paxgpt
+    sample`): an imported model's with no EOS first (as the `hf` backend's GPT-2
+    tokenizers), a model trained here (and one in training) after an EOS;
+    greedy unless the request samples; the text is cut at the first `until`
+    string. Rows are checked for stop strings every `stop_check_every` tokens
+    and stop early.
   - The padding id 0 is excluded from every distribution (make_score_step).
   - One process: requests are placed on the mesh with jax.device_put.
 """
@@ -47,8 +50,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
 from paxgpt.store import checkpoint
+from paxgpt.store import model_dir as model_dir_lib
 from paxgpt.model import gpt
 from paxgpt.model import info
+from paxgpt.decoding import engine as engine_lib
 from paxgpt.decoding import sampling
 from paxgpt.model import sharding
 from paxgpt.training import train_step
@@ -88,7 +93,6 @@ def load_model_dir(model_dir, step=None, partitioner=None, dtype=None):
   (model.json; gin's where gin binds the model, checked against it). dtype
   overrides the compute dtype."""
   import tasks
-  from paxgpt.store import model_dir as model_dir_lib
   model_dir = os.fspath(model_dir)
   if not os.path.isdir(checkpoint.checkpoint_dir(model_dir)):
     raise UsageError(f"MODEL_DIR={model_dir!r} has no checkpoints (no "
@@ -132,8 +136,10 @@ class PaxGPTLM(TemplateLM):
         raise UsageError("paxgpt model_args: model_dir=DIR is required")
       partitioner = sharding.Partitioner(_parse_mesh(mesh) or sharding.make_mesh())
       config, params, vocab = load_model_dir(str(model_dir), step, partitioner, dtype)
+      prompt_start = model_dir_lib.prompt_start(str(model_dir))
     else:
       config, params, vocab, partitioner = _loaded
+      prompt_start = "eos"  # a model in training: paxgpt's own convention
     if vocab.vocab_size > config.vocab_size:
       raise UsageError(f"the vocabulary has {vocab.vocab_size} ids but the model's "
                        f"vocab_size is {config.vocab_size}")
@@ -150,12 +156,17 @@ class PaxGPTLM(TemplateLM):
     boxed = gpt.abstract_variables(config)["params"]
     self._score = train_step.make_score_step(config, partitioner,
                                              partitioner.tree_shardings(boxed))
-    self._decoder = sampling.Decoder(config, params, partitioner, vocab.eos_id)
+    # Generations start as the model's prompts do (model_dir.prompt_start); the
+    # engine (and its decoding copy of the weights) is made at the first one.
+    self.prompt_start = prompt_start
+    self._decode_engine = None
 
   def set_params(self, params):
     """Score new parameters of the same model (training), keeping the compiled
     programs."""
-    self.params = self._decoder.params = params
+    self.params = params
+    if self._decode_engine is not None:
+      self._decode_engine.set_params(params)
 
   @classmethod
   def from_params(cls, config, params, vocabulary, partitioner, **kwargs):
@@ -287,20 +298,36 @@ class PaxGPTLM(TemplateLM):
   # -------------------------------------------------------------------------
   # Generation.
 
-  def _sampling_settings(self, kwargs, count, first_index):
-    """SamplingRows for `count` requests with the harness's normalised kwargs."""
-    if kwargs.get("do_sample"):
-      temperature = float(kwargs.get("temperature") or 1.0)
-    else:
-      temperature = 0.0
-    return sampling.make_rows(
-        count, temperature=temperature, top_k=int(kwargs.get("top_k") or 0),
-        top_p=float(kwargs.get("top_p") or 1.0), max_tokens=kwargs["max_gen_toks"],
-        seeds=self.seed, sample_indices=list(range(first_index, first_index + count)))
+  def _requests(self, group, kwargs, max_prompt):
+    """Engine requests of one group of generations (the same settings)."""
+    from lm_eval.models.utils import handle_stop_sequences
+    temperature = float(kwargs.get("temperature") or 1.0) if kwargs.get("do_sample") else 0.0
+    # EOS ends a row in the engine itself; its text ('' here) is no stop string.
+    until = [s for s in handle_stop_sequences(kwargs.pop("until", None), eos=None) if s]
+    stop = (lambda ids: any(s in self.tok_decode(ids) for s in until)) if until else None
+    requests = []
+    for index, (_, context, _) in enumerate(group):
+      ids = self.tok_encode(context)
+      if self.prompt_start == "eos":
+        ids = [self.vocab.eos_id] + (ids[-(max_prompt - 1):] if max_prompt > 1 else [])
+      else:
+        ids = ids[-max_prompt:] or [self.prefix_token_id]
+      requests.append(engine_lib.Request(
+          ids=ids, max_tokens=kwargs["max_gen_toks"],
+          key=sampling.row_key(self.seed, index), temperature=temperature,
+          top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
+          stop=stop))
+    return requests, until
+
+  def _engine(self):
+    if self._decode_engine is None:
+      self._decode_engine = engine_lib.Engine(
+          self.config, self.params, self.partitioner, self.vocab.eos_id, slots=self.rows,
+          steps_per_call=self.stop_check_every)
+    return self._decode_engine
 
   def generate_until(self, requests, disable_tqdm=False):
-    from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
-                                      postprocess_generated_text)
+    from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
     del disable_tqdm
     groups = {}  # requests with the same settings decode together
     for number, req in enumerate(requests):
@@ -310,36 +337,22 @@ class PaxGPTLM(TemplateLM):
     out = [None] * len(requests)
     for group in groups.values():
       kwargs = normalize_gen_kwargs(group[0][2], self.max_gen_toks)
-      # EOS ends a row in the decoder itself; its text ('' here) is no stop string.
-      until = [s for s in handle_stop_sequences(kwargs.pop("until", None), eos=None) if s]
       max_new = kwargs["max_gen_toks"]
       max_prompt = self.config.max_len - max_new
       if max_prompt < 1:
         raise UsageError(f"an lm-eval task asks for max_gen_toks={max_new}, which leaves "
                          f"no room for a prompt in the model's context of "
                          f"{self.config.max_len} tokens")
-      prompts = [(number, self.tok_encode(context)[-max_prompt:] or [self.prefix_token_id],
-                  context, gen_kwargs) for number, context, gen_kwargs in group]
-      prompts.sort(key=lambda p: -len(p[1]))  # similar lengths share a batch
-      for start in range(0, len(prompts), self.rows):
-        batch = prompts[start:start + self.rows]
-        longest = len(batch[0][1])
-        width = max(longest, min(bucket_length(longest, 16, max_prompt), max_prompt))
+      rows, until = self._requests(group, kwargs, max_prompt)
 
-        def should_stop(row, ids):
-          text = self.tok_decode(ids)
-          return any(s in text for s in until)
+      def on_finish(index, ids, finish, group=group, until=until):
+        del finish
+        number, context, gen_kwargs = group[index]
+        text = postprocess_generated_text(self.tok_decode(ids), until, None)
+        out[number] = text
+        self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
 
-        ids, _ = self._decoder.sample(
-            [p[1] for p in batch], self._sampling_settings(kwargs, len(batch), start),
-            width=width, max_new_tokens=max_new,
-            rows_to=self.rows,  # one compiled shape per prompt width
-            chunk=self.stop_check_every if until else None,
-            should_stop=should_stop if until else None)
-        for (number, _, context, gen_kwargs), row_ids in zip(batch, ids):
-          text = postprocess_generated_text(self.tok_decode(row_ids), until, None)
-          out[number] = text
-          self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+      self._engine().run(rows, on_finish)
     return out
 
   def get_model_info(self):

@@ -15,14 +15,21 @@ config that wrote them.
 Every parameter carries logical axis names (see paxgpt/model/sharding.py) and every
 activation at a layer boundary is constrained by name.
 
-Decoding (paxgpt/decoding/sampling.py) adds a 'cache' variable collection of keys and
+Decoding (paxgpt/decoding/) adds a 'cache' variable collection of keys and
 values: `decode="prefill"` runs the prompt through the same attention kernels
 as training and fills the cache, `decode="step"` feeds one token per row and
 attends over the cache. Dense layers keep `cache_length` positions; banded
 layers keep only the last W in a ring buffer (position i in slot i % W).
-Prompts are left-padded, so every row writes the same cache slot each step.
 The cache is laid out [batch, heads, slots, head_dim] (CACHE_AXES), the order
-the attention's batched matmuls read, so a step never transposes it.
+the attention's batched matmuls read, so a step never transposes it. Two
+layouts of the rows: the static sampler left-pads its prompts, so every row
+writes the same slot each step (CacheIndex with `key_start`); the decode engine
+keeps every row at its own position from slot 0 (`key_start=None`): a row
+writes at its position (mod W in a ring) and attends over its own
+`kernels.masks.cached_keys` only, through `kernels.decode_attention`.
+`decode="pack"` is the engine's prefill: prompts packed several to a row
+(segment ids, positions from each prompt's start), every layer keeping all of
+the row's keys and values, logits only at `logits_at`.
 """
 from __future__ import annotations
 
@@ -60,15 +67,16 @@ BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed
 BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads",
                          "activation_kv")
 CACHE_AXES = ("cache_batch", "cache_heads", "cache_length", "cache_kv")
-DECODE_MODES = (None, "prefill", "step")
+DECODE_MODES = (None, "prefill", "step", "pack")
 
 
 class CacheIndex(NamedTuple):
-  """Where a decode step writes: `index` is the buffer position of the fed token
-  (the same for every row), `key_start` [batch] the first non-padding position
-  of each left-padded row."""
+  """Where a decode step writes. Left-padded rows (the static sampler): `index`
+  is the buffer position of the fed token, the same for every row, and
+  `key_start` [batch] each row's first non-padding position. Per-row positions
+  (the engine): `index` [batch] is each row's position and `key_start` None."""
   index: jax.Array
-  key_start: jax.Array
+  key_start: jax.Array | None
 
 
 @gin.configurable
@@ -224,8 +232,8 @@ class SelfAttention(nn.Module):
   config: GPTConfig
   kind: str  # 'dense' or 'banded'
   deterministic: bool = True
-  decode: str | None = None  # None (training), 'prefill' or 'step'
-  cache_length: int = 0  # positions a dense layer's cache holds (prefill only)
+  decode: str | None = None  # None (training), 'prefill', 'step' or 'pack'
+  cache_length: int = 0  # positions a dense layer's cache holds (prefill and pack)
 
   @nn.compact
   def __call__(self, x, segment_ids, cache_index=None):
@@ -249,8 +257,8 @@ class SelfAttention(nn.Module):
     else:
       out = attend(q, k, v, segment_ids, window=window, backend=cfg.attention_backend,
                    interpret=cfg.attention_interpret, scale=cfg.attention_scale)
-      if self.decode == "prefill":
-        self._fill_cache(k, v, window)
+      if self.decode in ("prefill", "pack"):  # pack: every layer keeps every position
+        self._fill_cache(k, v, window if self.decode == "prefill" else None)
     out = _constrain(out, BATCH_LENGTH_HEADS_KV)
     # GPT-2 init: residual output projections scaled by 1/sqrt(2 * num_layers).
     w = self.param("out_kernel", _init(cfg.init_std / math.sqrt(2 * cfg.num_layers),
@@ -288,6 +296,8 @@ class SelfAttention(nn.Module):
   def _attend_cache(self, q, k, v, window, cache_index):
     """One query per row against the cache, after writing this step's key/value."""
     cached_k, cached_v = self._cache(k.shape[0], window)
+    if cache_index.key_start is None:
+      return self._attend_own_cache(q, k, v, cached_k, cached_v, cache_index.index)
     slots = cached_k.value.shape[2]
     t = cache_index.index
     slot = t if window is None else t % slots
@@ -303,6 +313,24 @@ class SelfAttention(nn.Module):
     if window is not None:
       ok &= t - position[None, :] < window
     return masked_attention(q, cached_k.value, cached_v.value, ok, self.config.attention_scale)
+
+  def _attend_own_cache(self, q, k, v, cached_k, cached_v, t):
+    """Per-row positions t [batch]: each row writes at t % slots (t itself in a
+    dense cache) and sees its own first min(t + 1, slots) slots."""
+    cfg = self.config
+    slots = cached_k.value.shape[2]
+    rows = jnp.arange(k.shape[0])
+    for var, new in ((cached_k, k), (cached_v, v)):
+      new = new[:, 0].astype(var.value.dtype)  # [batch, heads, head_dim]
+      var.value = _constrain(var.value.at[rows, :, t % slots].set(new), CACHE_AXES)
+    lengths = kernels.masks.cached_keys(t + 1, slots)
+    call = functools.partial(kernels.decode_attention, sm_scale=cfg.attention_scale,
+                             backend=cfg.attention_backend, interpret=cfg.attention_interpret)
+    if (cfg.attention_backend or kernels.default_backend()) in ("tpu", "gpu"):
+      rows_heads = ("activation_batch", "activation_heads", "activation_kv")
+      call = sharding.shard_map_logical(call, (rows_heads, CACHE_AXES, CACHE_AXES,
+                                               ("activation_batch",)), rows_heads)
+    return call(q[:, 0], cached_k.value, cached_v.value, lengths)[:, None]
 
 
 def masked_attention(q, k, v, visible, scale=None):
@@ -412,13 +440,15 @@ class GPT(nn.Module):
   row's first token), creates the cache for `cache_length` buffer positions and
   returns the logits of the last position only ([batch, 1, vocab]);
   decode='step' takes one token per row [batch, 1], its positions and a
-  CacheIndex, and returns its logits.
+  CacheIndex, and returns its logits. decode='pack' takes packed prompts
+  (segment ids and positions per prompt), keeps every layer's keys and values
+  of all positions in the cache and returns the logits at `logits_at` [batch, k].
   """
   config: GPTConfig
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True,
-               decode=None, cache_length=0, cache_index=None):
+               decode=None, cache_length=0, cache_index=None, logits_at=None):
     cfg = self.config
     if decode not in DECODE_MODES:
       raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}")
@@ -430,6 +460,10 @@ class GPT(nn.Module):
                        f"({tokens.shape[-1]} positions)")
     if decode != "step" and tokens.shape[-1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_len={cfg.max_len}")
+    if (decode == "pack") != (logits_at is not None):
+      raise ValueError("logits_at goes with decode='pack' (and only with it)")
+    if decode == "pack":
+      cache_length = tokens.shape[-1]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
     embedding = self.param("token_embedding", _init(cfg.init_std, ("vocab", "embed")),
@@ -463,6 +497,8 @@ class GPT(nn.Module):
 
     if decode == "prefill":  # left padding: every row's last prompt token is last
       x = x[:, -1:]
+    elif decode == "pack":
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = layer_norm(cfg, "ln_final")(x)
     logits = jnp.einsum("bld,vd->blv", x, _gathered(compute_table, ("vocab", "embed")))
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

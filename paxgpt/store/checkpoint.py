@@ -171,7 +171,7 @@ class Checkpointer:
   """Save and restore policy over an Orbax CheckpointManager in MODEL_DIR."""
 
   def __init__(self, model_dir, config: CheckpointConfig = CheckpointConfig(), *,
-               read_only=False):
+               read_only=False, params_restore_gb=None):
     self.config = config
     self.directory = checkpoint_dir(model_dir)
     preserve = [policies.LatestN(n=config.keep)]
@@ -184,7 +184,12 @@ class Checkpointer:
         enable_async_checkpointing=config.async_save,
         preservation_policy=policies.AnyPreservationPolicy(preserve),
         cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    # params_restore_gb bounds the parameter bytes Orbax reads at once (its default,
+    # 96 GB, reads a whole model into buffers beside the arrays it makes).
+    handlers = None if params_restore_gb is None else {
+        "params": ocp.StandardCheckpointHandler(restore_concurrent_gb=params_restore_gb)}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS,
+                                         item_handlers=handlers)
     self._last_save = None
     self._failed = False
 
@@ -355,7 +360,10 @@ def restore_params_at(directory, abstract_params, step=None, step_flag="--step")
   if not os.path.isdir(checkpoint_dir(directory)):
     raise UsageError(f"no checkpoint in {directory!r} (no {CHECKPOINT_SUBDIR}/ directory)")
   _check_divides(abstract_params)
-  checkpointer = Checkpointer(directory, read_only=True)
+  # Read one GB at a time (or the largest array): the peak stays near one copy.
+  largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_params))
+  checkpointer = Checkpointer(directory, read_only=True,
+                              params_restore_gb=max(1, -(-largest // 10**9)))
   try:
     for _ in range(READ_ATTEMPTS):
       chosen = resolve_step(checkpointer, directory, step)

@@ -1,12 +1,14 @@
 """What a MODEL_DIR carries besides its checkpoints: the model's config.
 
-  MODEL_DIR/model.json   {"format": 1, "model": {GPTConfig fields}, "vocabulary": spec}
+  MODEL_DIR/model.json   {"format": 1, "model": {GPTConfig fields}, "vocabulary": spec,
+                          "prompt_start": "eos" | "none"}
   MODEL_DIR/config.gin   the gin config the run started with, for the record
   MODEL_DIR/checkpoints/ Orbax (paxgpt/store/checkpoint.py)
 
   write(model_dir, model_config, vocabulary_spec, gin_config=None)
   read(model_dir) -> (GPTConfig, vocabulary spec) or None
   resolve(model_dir) -> (GPTConfig, vocabulary spec or None): what a command uses
+  prompt_start(model_dir) -> "eos" or "none": how the model's prompts start
 
 `paxgpt train` and `paxgpt import` write model.json; eval, sample, export and
 fine-tuning read it when gin binds no GPTConfig parameter (no model gin file).
@@ -17,6 +19,13 @@ model, and a resumed run's vocabulary that is not model.json's. A vocabulary who
 stored relative to it (the directory can be moved) and read back absolute.
 model.json is written through a temporary file and a rename, so a reader never
 sees half of one.
+
+The prompt convention is a property of the model, so `paxgpt sample` and
+`paxgpt fewshot` generate from the same ids: "eos" for a model paxgpt trained
+(every training document follows an EOS, paxgpt/data/loader.py), "none" for an
+imported one (the tokenizer's ids as they are, as transformers' generate has
+them). A model.json without the field is "eos" (every MODEL_DIR before it was
+trained here, or imported and then decoded with EOS first).
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from paxgpt.model import gpt
 from paxgpt.errors import UsageError
 
 MODEL_JSON = "model.json"
+PROMPT_STARTS = ("eos", "none")
 CONFIG_GIN = "config.gin"
 FORMAT = 1
 # GPTConfig fields that change the parameters' shapes or what they compute; the
@@ -74,13 +84,15 @@ def config_dict(config: gpt.GPTConfig) -> dict:
 
 
 def write(model_dir, model_config: gpt.GPTConfig, vocabulary_spec: str | None,
-          gin_config: str | None = None):
+          gin_config: str | None = None, prompt_start: str = "eos"):
   """Write model.json (and config.gin when given) into MODEL_DIR (created)."""
+  if prompt_start not in PROMPT_STARTS:
+    raise ValueError(f"prompt_start={prompt_start!r} is not one of {PROMPT_STARTS}")
   directory = _path(model_dir)
   directory.mkdir(parents=True, exist_ok=True)
   spec = None if vocabulary_spec is None else _store_spec(directory, vocabulary_spec)
   text = json.dumps({"format": FORMAT, "model": config_dict(model_config),
-                     "vocabulary": spec}, indent=1) + "\n"
+                     "vocabulary": spec, "prompt_start": prompt_start}, indent=1) + "\n"
   temporary = directory / f".{MODEL_JSON}.tmp"
   temporary.write_text(text)
   temporary.replace(directory / MODEL_JSON)  # overwrites: a resumed run rewrites it
@@ -182,3 +194,18 @@ def resolve(model_dir, model_config: gpt.GPTConfig | None = None):
   if stored is not None:
     check_matches(model_dir, model_config)
   return model_config, None if stored is None else stored[1]
+
+
+def prompt_start(model_dir) -> str:
+  """MODEL_DIR's prompt convention (PROMPT_STARTS; "eos" when model.json has none
+  or there is no model.json)."""
+  path = _path(model_dir) / MODEL_JSON
+  if not path.exists():
+    return "eos"
+  try:
+    value = json.loads(path.read_text()).get("prompt_start", "eos")
+  except (ValueError, AttributeError) as e:
+    raise UsageError(f"{path}: not a paxgpt model config ({e})") from None
+  if value not in PROMPT_STARTS:
+    raise UsageError(f"{path}: prompt_start={value!r} is not one of {list(PROMPT_STARTS)}")
+  return value

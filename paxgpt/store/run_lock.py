@@ -21,8 +21,9 @@ next `staging_dir` for NAME removes those whose process died (a killed import)
 and refuses while a live process still writes one.
 
 A multi-host run is one owner: only process 0 takes the lock (trainer.py agrees
-the outcome over all processes). URLs (gs://...) have no flock and are not
-locked. A MODEL_DIR that cannot be created or written is a UsageError.
+the outcome over all processes). `acquire_file` locks any file the same way
+(`paxgpt sample`'s output, paxgpt/decoding/output.py); its owner removes it.
+URLs (gs://...) have no flock and are not locked. A MODEL_DIR that cannot be created or written is a UsageError.
 """
 from __future__ import annotations
 
@@ -79,6 +80,22 @@ def _is_locked_path(fd, path):
   return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
+def _flock(fd, path, name, other):
+  """Take the exclusive lock of `fd` or close it and raise: RunDirBusyError
+  naming the holder when another process has it."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = _read_holder(fd)
+    os.close(fd)
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      busy = RunDirBusyError(f"{name} is in use by another run ({describe(holder)}); "
+                             f"wait for it to end or {other}")
+      busy.holder = holder
+      raise busy from None
+    raise UsageError(f"{name}: cannot lock {path}: {e.strerror or e}") from None
+
+
 class RunLock:
   """The held lock of one MODEL_DIR (holds nothing when MODEL_DIR is a URL)."""
 
@@ -115,24 +132,31 @@ class RunLock:
       except OSError as e:
         raise UsageError(f"MODEL_DIR={model_dir!r} cannot be written: "
                          f"{e.strerror or e}") from None
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except OSError as e:
-        holder = _read_holder(fd)
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-          busy = RunDirBusyError(
-              f"MODEL_DIR={model_dir!r} is in use by another run ({describe(holder)}); "
-              f"wait for it to end or use another MODEL_DIR")
-          busy.holder = holder
-          raise busy from None
-        raise UsageError(f"MODEL_DIR={model_dir!r}: cannot lock {path}: "
-                         f"{e.strerror or e}") from None
+      _flock(fd, path, f"MODEL_DIR={model_dir!r}", "use another MODEL_DIR")
       if _is_locked_path(fd, path):
         break
       os.close(fd)  # its owner removed it after we opened it: lock the one there now
     else:
       raise UsageError(f"MODEL_DIR={model_dir!r}: {path} keeps being removed")
+    return cls._own(path, fd, created, created_file)
+
+  @classmethod
+  def acquire_file(cls, path, name, other):
+    """Own the lock file `path` for `name` (e.g. "--output=OUT"); its owner
+    deletes it when done (`remove`). `other` ends the refusal ("use another ...")."""
+    for _ in range(_ATTEMPTS):
+      try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise UsageError(f"{name} cannot be written: {e.strerror or e}") from None
+      _flock(fd, path, name, other)
+      if _is_locked_path(fd, path):
+        return cls._own(path, fd)
+      os.close(fd)  # its owner removed it after we opened it: lock the one there now
+    raise UsageError(f"{name}: {path} keeps being removed")
+
+  @classmethod
+  def _own(cls, path, fd, created=(), created_file=False):
     stale = _read_holder(fd)  # what a dead owner left behind
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     os.ftruncate(fd, 0)
