@@ -151,7 +151,7 @@ def test_work_lost_1_a_rerun_that_fails_at_start_up_keeps_the_partial(tmp_path, 
   before = open(output + ".partial", "rb").read()
   config = offline.SampleConfig(checkpoint_dir=str(tmp_path / "mistyped"), vocabulary="byte")
   monkeypatch.setattr(offline, "SampleConfig", lambda: config)
-  with pytest.raises(UsageError, match="no checkpoint in"):
+  with pytest.raises(UsageError, match="mistyped"):
     offline.sample_file(str(prompts), output)
   assert open(output + ".partial", "rb").read() == before
 
