@@ -218,7 +218,7 @@ class RunLock:
 
 
 def staging_dir(out, flag):
-  """(path, lock): a new directory `.NAME.partial-XXXX` beside `out`, locked by
+  """(path, lock): a new directory `.NAME.partial-<random>` beside `out`, locked by
   this process. Those a dead process left for the same `out` are removed first;
   one that a live process still writes is RunDirBusyError naming it (`flag` is
   how the user named `out`, e.g. --model_dir)."""
