@@ -22,6 +22,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   .venv/bin/python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
   .venv/bin/python -m pip check
+  # Outside the checkout, `import kernels` must still be paxgpt's (Hugging Face's
+  # `kernels` package, which transformers >= 5.25 requires, shadows it).
+  (cd / && "$ROOT/.venv/bin/python" -c "import kernels, sys; hasattr(kernels, 'BACKENDS') or \
+sys.exit('.venv: another package named kernels shadows paxgpt kernels/ (pip uninstall kernels)')")
   touch "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
