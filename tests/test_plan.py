@@ -37,7 +37,7 @@ def model_gin():
 
 def _args(**kwargs):
   defaults = dict(mesh=None, batch=None, chip=None, topology=None, json=True, remat="full",
-                  mfu=0.4, seq_len=None)
+                  mfu=0.4, seq_len=None, num_slices=1, dcn=None, microbatches=None)
   return argparse.Namespace(**{**defaults, **kwargs})
 
 

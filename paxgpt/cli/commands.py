@@ -21,7 +21,7 @@ def train(args):
   from paxgpt.model import sharding
   from paxgpt.training import trainer
   try:
-    summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh))
+    summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh, dcn=args.dcn))
   except trainer.NonFiniteLossError as e:
     print(f"paxgpt: error: {e}", flush=True)
     return 1
@@ -34,7 +34,8 @@ def evaluate(args):
   """`paxgpt eval`: prints one JSON object (step, validation loss, perplexity)."""
   from paxgpt.model import sharding
   from paxgpt.training import trainer
-  result = trainer.evaluate(mesh=sharding.mesh_from_flag(args.mesh), step=args.step)
+  result = trainer.evaluate(mesh=sharding.mesh_from_flag(args.mesh, dcn=args.dcn),
+                            step=args.step)
   if _is_chief():
     print(json.dumps(result), flush=True)
   return 0
@@ -45,7 +46,7 @@ def sample(args):
   from paxgpt.decoding import offline
   from paxgpt.model import sharding
   return offline.sample_file(args.prompts, args.output, step=args.step,
-                                  mesh=sharding.mesh_from_flag(args.mesh))
+                                  mesh=sharding.mesh_from_flag(args.mesh, dcn=args.dcn))
 
 
 def info(args):
@@ -65,7 +66,8 @@ def plan(args):
   from paxgpt.training import plan as plan_lib
   report = plan_lib.plan(mesh_flag=args.mesh, batch=args.batch, chip=args.chip,
                          topology=args.topology, remat=args.remat, mfu=args.mfu,
-                         seq_len=args.seq_len)
+                         seq_len=args.seq_len, num_slices=args.num_slices, dcn=args.dcn,
+                         microbatches=plan_lib.parse_microbatches(args.microbatches))
   print(json.dumps(report) if args.json else plan_lib.format_report(report))
   return 0
 

@@ -346,10 +346,14 @@ class GPT(nn.Module):
   CacheIndex, and returns its logits.
   """
   config: GPTConfig
+  # The pipeline's hook (paxgpt/model/pipeline.py runs the periods itself, stage by
+  # stage): "embed" returns the input of the periods; "head" maps their output,
+  # `hidden`, to the logits. None: the whole decoder.
+  part: str | None = None
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True,
-               decode=None, cache_length=0, cache_index=None):
+               decode=None, cache_length=0, cache_index=None, hidden=None):
     cfg = self.config
     if decode not in DECODE_MODES:
       raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}")
@@ -374,10 +378,14 @@ class GPT(nn.Module):
     x = jnp.take(table, tokens, axis=0) + jnp.take(pos_table, positions, axis=0)
     x = _constrain(x.astype(cfg.dtype), BATCH_LENGTH_EMBED)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    if self.part == "embed":
+      return x
 
     # Decoding keeps no activations for a backward pass, so it never remats.
     period = _remat(Period, "none" if decode else cfg.remat_policy)
-    if cfg.scan_layers:
+    if self.part == "head":  # the embedding above is dead code, which jit drops
+      x = hidden
+    elif cfg.scan_layers:
       stack = nn.scan(period, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast,
