@@ -214,15 +214,19 @@ def make_mesh(data=1, fsdp=-1, tensor=1, devices=None, stage=1, dcn=None):
                     f"devices: {sorted({len(s) for s in slices})}")
   ici, dcn = resolve_hybrid(len(devices), {"stage": stage, "data": data, "fsdp": fsdp,
                                            "tensor": tensor}, dcn, len(slices), source)
-  axes = tuple(ici)
-  if len(slices) == 1:
-    grid = _slice_grid(tuple(ici.values()), devices)
-  else:
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_hybrid_device_mesh(
-        tuple(ici.values()), tuple(dcn.values()), devices,
-        process_is_granule=source == "process", allow_split_physical_axes=True)
-  return Mesh(grid, axes)
+  return Mesh(hybrid_grid(devices, ici, dcn, len(slices), source), tuple(ici))
+
+
+def hybrid_grid(devices, ici, dcn, num_slices, slices_from):
+  """The devices as an array of shape ICI x DCN per axis (`resolve_hybrid`'s
+  sizes): within one slice the topology-aware device mesh, across slices
+  mesh_utils.create_hybrid_device_mesh (slices by slice_index, or processes)."""
+  if num_slices == 1:
+    return _slice_grid(tuple(ici.values()), devices)
+  from jax.experimental import mesh_utils
+  return mesh_utils.create_hybrid_device_mesh(
+      tuple(ici.values()), tuple(dcn.values()), devices,
+      process_is_granule=slices_from == "process", allow_split_physical_axes=True)
 
 
 def mesh_from_flag(text=None, devices=None, dcn=None):

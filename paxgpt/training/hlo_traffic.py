@@ -23,7 +23,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(%[^\s=]+) = (.*)$")
 _CALLS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
                     r"called_computations)=(\{[^}]*\}|%[^\s,)]+)")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_ARRAY = re.compile(r"\b(pred|[subfc][0-9]+[a-z0-9]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b(pred|bf16|[subfc][0-9]+[a-z0-9]*)\[([0-9,]*)\]")
 _TRANSFER = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
 _OPERANDS = re.compile(r"\b([a-z\-]+)\(([^)]*)\)")
 

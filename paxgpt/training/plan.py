@@ -260,7 +260,8 @@ def with_scale_figures(report, compiled, mesh, config, microbatches=None):
   micro = microbatches or trainer.TrainConfig().num_microbatches
   pipe = pipeline.make(mesh, config, micro)
   dcn = sharding.dcn_sizes(mesh)
-  transfers, unknown = hlo_traffic.dcn_transfers(compiled.as_text()) if compiled is not None else ({}, 0)
+  transfers, unknown = ({}, 0) if compiled is None else hlo_traffic.dcn_transfers(
+      compiled.as_text())
   report.update(
       num_slices=math.prod(dcn.values()), dcn=dcn, microbatches=micro,
       dcn_bytes_per_step=sum(transfers.values()) if compiled is not None else None,
