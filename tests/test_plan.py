@@ -11,6 +11,7 @@ import sys
 
 import gin
 import jax
+import numpy as np
 import pytest
 
 from paxgpt.model import accounting
@@ -18,6 +19,7 @@ from paxgpt.model import gpt
 from paxgpt.training import plan
 from paxgpt.cli import commands
 from paxgpt.errors import UsageError
+from paxgpt.model import sharding
 from paxgpt.model.sharding import MeshError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,3 +197,29 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting(model_gin):
   assert report["total_bytes_per_device"] == state + 5 * 4 * 2 * 128 + int(23.36 * 2**30)
   assert report["fits"] is False and report["compiler_error"] == message.splitlines()[0]
   assert "the compiler refused it: RESOURCE_EXHAUSTED" in plan.format_report(report)
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+@pytest.mark.parametrize("dtype, microbatches", [("float32", 1), ("bfloat16", 2)])
+def test_two_slices_send_each_microbatchs_gradients_over_dcn(dtype, microbatches):
+  """2 x v5e 2x2 with data parallelism across the slices (the default), compiled
+  by the TPU compiler: what each chip sends over DCN per step is its shard of
+  the gradients in the compute dtype, once per microbatch (XLA reduces them
+  inside the accumulation loop). A model whose shards fill whole (8, 128) tiles
+  makes the count exact."""
+  devices = plan.topology_devices("v5e", "2x2", num_slices=2)
+  mesh = sharding.mesh_from_flag("data:1,fsdp:4,tensor:1", devices)
+  config = gpt.GPTConfig(vocab_size=259, num_layers=16, d_model=1024, num_heads=8,
+                         head_dim=128, max_len=128, dtype=dtype, attention_backend="tpu",
+                         remat_policy="full")
+  report = plan.compile_plan(config, devices, dict(mesh.shape), 16, 128, "v5e",
+                             compiler_options={"exec_time_optimization_effort": -1.0},
+                             mesh=mesh, microbatches=microbatches)
+  assert report["num_slices"] == 2 and report["dcn"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert set(report["dcn_transfers"]) == {"ALL_REDUCE"}
+  # Every parameter is split over fsdp but the biases of heads (the tensor axis, 1 here).
+  shard = (report["param_bytes_per_device"] / 4 * np.dtype(jax.numpy.dtype(dtype)).itemsize)
+  assert report["dcn_bytes_per_step"] == pytest.approx(microbatches * shard, rel=0.01)
+  assert report["dcn_loops_without_trip_count"] == 0
+  assert "slices                2 (axes over DCN: data:2)" in plan.format_report(report)

@@ -123,8 +123,8 @@ def check(pipe, model_config, num_microbatches):
     raise UsageError("pipeline stages need the stacked periods: GPTConfig.scan_layers=True")
   if periods % chunks:
     raise UsageError(f"GPTConfig.num_layers={model_config.num_layers} makes {periods} layer "
-                     f"periods of {pattern}, which {pipe.stages} stages x {pipe.repeats} "
-                     f"repeats (PipelineConfig.repeats) do not divide")
+                     f"periods ({pattern} layers each), which {pipe.stages} stages x "
+                     f"{pipe.repeats} repeats (PipelineConfig.repeats) do not divide")
   if num_microbatches % pipe.microbatches:
     raise UsageError(f"TrainConfig.num_microbatches={num_microbatches} is not a multiple of "
                      f"PipelineConfig.microbatches={pipe.microbatches}")

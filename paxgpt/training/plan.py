@@ -281,21 +281,16 @@ def parse_microbatches(text):
   return int(text)
 
 
-def fewest_microbatches(compile_with, batch_shards, batch_size):
+def fewest_microbatches(compile_with, counts):
   """The plan with the fewest microbatches that fits: `compile_with(m)` is a
-  plan's report for m microbatches. Memory falls as microbatches rise, so a
-  binary search over the counts that split the batch evenly over its shards
-  compiles only a few. The report lists what was tried."""
-  counts = [m for m in range(1, batch_size + 1)
-            if batch_size % m == 0 and (batch_size // m) % batch_shards == 0]
+  plan's report for m microbatches, `counts` the candidate counts. Memory falls
+  as microbatches rise, so a binary search compiles only a few of them. The
+  report lists what was tried."""
   tried, best = [], None
   low, high = 0, len(counts) - 1
   while low <= high:
     middle = (low + high) // 2
-    try:
-      report = compile_with(counts[middle])
-    except UsageError:  # e.g. fewer microbatches per pass than stages
-      report = {"fits": False}
+    report = compile_with(counts[middle])
     tried.append({"microbatches": counts[middle], "fits": report["fits"],
                   "total_bytes_per_device": report.get("total_bytes_per_device")})
     if report["fits"]:
@@ -303,11 +298,29 @@ def fewest_microbatches(compile_with, batch_shards, batch_size):
     else:
       low = middle + 1
   if best is None:
-    raise UsageError(f"--microbatches=auto: the step does not fit with any of "
-                     f"{counts[0]}..{counts[-1]} microbatches (batch {batch_size} over "
-                     f"{batch_shards} shards)")
+    report["microbatch_search"] = tried
+    return report  # the most microbatches, which do not fit either
   best["microbatch_search"] = sorted(tried, key=lambda t: t["microbatches"])
   return best
+
+
+def microbatch_counts(mesh, config, batch_size):
+  """The microbatch counts a batch splits into: even over the batch shards, and
+  whole pipeline passes when the mesh has stages."""
+  shards = sharding.shard_count("batch", dict(mesh.shape))
+  counts = []
+  for m in range(1, batch_size + 1):
+    if batch_size % m or (batch_size // m) % shards:
+      continue
+    try:
+      pipeline.make(mesh, config, m)
+    except UsageError:
+      continue
+    counts.append(m)
+  if not counts:
+    raise UsageError(f"--microbatches=auto: no microbatch count splits --batch={batch_size} "
+                     f"evenly over the {shards} batch shards (and the pipeline's passes)")
+  return counts
 
 
 def _default_batch(batch_shards, seq_len):
@@ -361,7 +374,7 @@ def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REM
     return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu, mesh=mesh,
                         microbatches=count)
   if microbatches == "auto":
-    return fewest_microbatches(compile_with, shards, batch)
+    return fewest_microbatches(compile_with, microbatch_counts(mesh, config, batch))
   return compile_with(microbatches)
 
 
@@ -400,7 +413,8 @@ def format_report(r):
   if r.get("microbatch_search"):
     tried = ", ".join(f"{t['microbatches']} {'fits' if t['fits'] else 'no'}"
                       for t in r["microbatch_search"])
-    lines.append(f"  fewest microbatches   {r['microbatches']} (tried: {tried})")
+    found = (f"{r['microbatches']} fit" if r["fits"] else "none of them fit")
+    lines.append(f"  fewest microbatches   {found} (compiled: {tried})")
   if r.get("compiler_error"):
     lines.append(f"  the compiler refused it: {r['compiler_error']}")
   if r["hbm_bytes_per_device"]:
