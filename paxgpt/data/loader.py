@@ -56,7 +56,7 @@ import tensorflow as tf
 
 import tasks
 from paxgpt.config.checks import check_types
-from paxgpt.model.sharding import Partitioner
+from paxgpt.model.sharding import Partitioner, process_rows
 
 FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
@@ -343,8 +343,12 @@ class HostBatches:
     return batch
 
 
-def _this_process() -> seqio.ShardInfo:
-  return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+def _this_process(config: DataConfig, partitioner: Partitioner) -> seqio.ShardInfo:
+  """This process's data shard: its block of the batch's rows (processes that hold
+  the same rows, a pipeline stage axis across processes, read the same shard)."""
+  partitioner.check_divisible("DataConfig.batch_size", config.batch_size, "batch")
+  index, count = process_rows(partitioner.mesh, config.batch_size)
+  return seqio.ShardInfo(index=index, num_shards=count)
 
 
 def whole_split() -> seqio.ShardInfo:
@@ -357,8 +361,7 @@ def _rows_per_process(config: DataConfig, partitioner: Partitioner) -> int:
   if config.batch_size % processes:
     raise DataError(f"DataConfig.batch_size={config.batch_size} is not divisible by the "
                     f"{processes} processes")
-  partitioner.check_divisible("DataConfig.batch_size", config.batch_size, "batch")
-  return config.batch_size // processes
+  return config.batch_size // _this_process(config, partitioner).num_shards
 
 
 def _to_global(batch: Mapping[str, np.ndarray], sharding, global_shape):
@@ -373,7 +376,7 @@ class TrainIterator:
     self.config = config
     self.sharding = partitioner.sharding(("batch", "length"))
     self._shape = (config.batch_size, config.sequence_length)
-    self._host = HostBatches(config, config.train_split, _this_process(),
+    self._host = HostBatches(config, config.train_split, _this_process(config, partitioner),
                              _rows_per_process(config, partitioner), repeat=True)
     self._step = 0
 
@@ -425,12 +428,14 @@ def eval_batches(config: DataConfig, partitioner: Partitioner) -> Iterator[dict]
   sharding = partitioner.sharding(("batch", "length"))
   shape = (config.batch_size, config.sequence_length)
   rows = _rows_per_process(config, partitioner)
-  host = HostBatches(config, config.eval_split, _this_process(), rows, repeat=False)
+  host = HostBatches(config, config.eval_split, _this_process(config, partitioner), rows,
+                     repeat=False)
   limit = config.eval_max_batches
   if jax.process_count() > 1:
     # Shards differ in length; all processes must take part in every global batch.
     from jax.experimental import multihost_utils
-    counter = HostBatches(config, config.eval_split, _this_process(), rows, repeat=False)
+    counter = HostBatches(config, config.eval_split, _this_process(config, partitioner), rows,
+                          repeat=False)
     mine = sum(1 for _ in counter) if limit is None else limit
     limit = int(np.max(multihost_utils.process_allgather(np.int64(mine))))
   count = 0

@@ -159,9 +159,10 @@ def parse_mesh_flag(text, flag="--mesh"):
 
 def device_slices(devices, process_is_slice=False):
   """`devices` grouped by slice, in slice order, and what told them apart: the
-  devices' slice_index (TPU); without one, each process (`process_is_slice`) or
-  one slice of all of them."""
-  if all(getattr(d, "slice_index", None) is not None for d in devices):
+  devices' slice_index (TPU, or other devices whose slice_index tells several
+  apart); without one, each process (`process_is_slice`) or one slice of all."""
+  indices = {getattr(d, "slice_index", None) for d in devices}
+  if None not in indices and (len(indices) > 1 or devices[0].platform == "tpu"):
     key, source = (lambda d: d.slice_index), "slice_index"
   elif process_is_slice:
     key, source = (lambda d: d.process_index), "process"
@@ -245,6 +246,24 @@ def dcn_sizes(mesh):
     line = grid[(0,) * i + (slice(None),) + (0,) * (grid.ndim - i - 1)]
     sizes[axis] = len({getattr(d, "slice_index", None) for d in line})
   return sizes
+
+
+def process_rows(mesh, batch_size):
+  """(index, count): this process's block of a batch split on `batch`, of `count`
+  blocks. Processes holding the same rows (a stage axis across processes
+  replicates the batch over them) share a block, so they must read the same data."""
+  spec = nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES)
+  rows = {}
+  for device, index in NamedSharding(mesh, spec).devices_indices_map((batch_size,)).items():
+    start, stop, _ = index[0].indices(batch_size)
+    held = rows.setdefault(device.process_index, [start, stop])
+    held[:] = [min(held[0], start), max(held[1], stop)]
+  blocks = sorted({tuple(r) for r in rows.values()})
+  sizes = {stop - start for start, stop in blocks}
+  if len(sizes) > 1 or sum(stop - start for start, stop in blocks) != batch_size:
+    raise MeshError(f"the processes hold overlapping rows of the batch on mesh "
+                    f"{_fmt(dict(mesh.shape))}: {blocks}")
+  return blocks.index(tuple(rows[jax.process_index()])), len(blocks)
 
 
 def stage_count(mesh):
