@@ -323,3 +323,17 @@ def test_pipelined_checkpoints_are_unpipelined_ones_both_ways(tmp_path):
   plain = {r["step"]: r["loss"] for r in metrics.read_metrics(tmp_path / "plain")}
   assert resumed[4] == pytest.approx(plain[4], rel=1e-5)
   assert resumed[5] == pytest.approx(plain[5], rel=1e-5)
+
+
+def test_info_counts_each_stages_share_of_the_periods():
+  from paxgpt.model import accounting, info
+  variables = gpt.abstract_variables(SIXTEEN)
+  flat = {"data": 1, "fsdp": 2, "tensor": 1}
+  layers = {"params": variables["params"]["layers"]}
+  outer = {"params": {k: v for k, v in variables["params"].items() if k != "layers"}}
+  layer_bytes, _ = accounting.bytes_per_device(layers, flat)
+  outer_bytes, _ = accounting.bytes_per_device(outer, flat)
+  staged = info.describe(SIXTEEN, {"stage": 4, **flat})
+  assert staged["param_bytes_per_device"] == layer_bytes // 4 + outer_bytes
+  assert info.describe(SIXTEEN, flat)["param_bytes_per_device"] == layer_bytes + outer_bytes
+  assert info.mesh_axis_sizes("stage:4,fsdp:2", 8) == {"stage": 4, **flat}

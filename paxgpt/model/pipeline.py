@@ -21,10 +21,12 @@ scope name, so dropout masks agree; the embedding and the head are GPT's own
 (`from_stages`), so the sampler, export and few-shot read a pipelined run's
 checkpoint, and a pipelined run resumes from an unpipelined one.
 
-Memory: each iteration is rematerialised saving activations only, never a
-stage's selected weights (they are re-selected from the stacked ones, a loop
+Memory: each iteration is rematerialised keeping only its periods' inputs, never
+a stage's selected weights (they are re-selected from the stacked ones, a loop
 constant, in the backward pass); inside, GPTConfig.remat_policy applies per
-period as without a pipeline.
+period as without a pipeline (what a policy saves inside a period, e.g.
+dots_saveable's matmuls, is recomputed once more: only the inputs cross
+iterations).
 """
 from __future__ import annotations
 
@@ -43,7 +45,10 @@ from paxgpt.errors import ConfigError, UsageError
 from paxgpt.model import gpt
 from paxgpt.model import sharding
 
-WEIGHTS = "pipeline_weights"  # checkpoint name of selected weights: recomputed, never saved
+# What an iteration keeps for the backward pass: each period's input (the stage's
+# input is the first). Everything else, the stage's selected weights above all, is
+# recomputed from the stacked weights (a loop constant) and these.
+PERIOD_INPUT = "pipeline_period_input"
 STAGE_NAMES = ("layer_repeats", "stage")  # the logical names of [R, S] in front of a stacked leaf
 STATE_NAMES = ("activation_stage",) + gpt.BATCH_LENGTH_EMBED
 
@@ -226,7 +231,7 @@ def run_stages(model_config, pipe, stacked, xs, segment_ids=None, keys=None,
   def stage_fn(weights, x, segments, stage_keys):
     def body(x, per_period):
       w, key = per_period
-      w = checkpoint_name(w, WEIGHTS)
+      x = checkpoint_name(x, PERIOD_INPUT)
       rngs = None if deterministic else {"dropout": key}
       w = jax.tree.map(lambda a: a[None], w)  # _Period's scan of length 1
       return module.apply({"params": {"layers": w}}, x, segments, rngs=rngs), None
@@ -242,7 +247,6 @@ def run_stages(model_config, pipe, stacked, xs, segment_ids=None, keys=None,
     weights = jax.tree.map(
         lambda w: jnp.sum(jnp.where(pick.reshape(pick.shape + (1,) * (w.ndim - 2)), w,
                                     jnp.zeros((), w.dtype)), axis=0), stacked)
-    weights = checkpoint_name(weights, WEIGHTS)
     segments = None if segment_ids is None else segment_ids[m]
     stage_keys = None
     if keys is not None:
@@ -253,7 +257,7 @@ def run_stages(model_config, pipe, stacked, xs, segment_ids=None, keys=None,
 
   compute = jax.checkpoint(
       compute, prevent_cse=False,
-      policy=jax.checkpoint_policies.save_anything_except_these_names(WEIGHTS))
+      policy=jax.checkpoint_policies.save_only_these_names(PERIOD_INPUT))
 
   def constrain(x, names):
     return nn.with_logical_constraint(x, names)

@@ -355,10 +355,7 @@ def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REM
     chip = chip or "v5p"
     if chip not in accounting.CHIPS:
       raise UsageError(f"--chip={chip}: expected one of {'|'.join(accounting.CHIPS)}")
-    requested = sharding.parse_mesh_flag(mesh_flag or "")
-    count = (jax.device_count() if not mesh_flag or -1 in requested.values()
-             else math.prod(requested.values()))
-    ici, _ = sharding.resolve_hybrid(count, requested, {}, 1)
+    ici = info.mesh_axis_sizes(mesh_flag, None if mesh_flag else jax.device_count())
     devices = cpu_devices(math.prod(ici.values()))
     mesh = sharding.make_mesh(**ici, devices=devices)
     config = dataclasses.replace(config, attention_backend="reference")
