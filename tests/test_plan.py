@@ -197,6 +197,14 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting(model_gin):
   assert report["total_bytes_per_device"] == state + 5 * 4 * 2 * 128 + int(23.36 * 2**30)
   assert report["fits"] is False and report["compiler_error"] == message.splitlines()[0]
   assert "the compiler refused it: RESOURCE_EXHAUSTED" in plan.format_report(report)
+  # The other form names everything the program needs.
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. "
+             "Ran out of memory in memory space hbm. Used 17.85G of 15.75G hbm. Exceeded hbm "
+             "capacity by 2.10G.")
+  report = plan._out_of_memory_figures(message, params, opt_state, config, devices, mesh, 8,
+                                       128, "v5e", 0.4)
+  assert report["total_bytes_per_device"] == int(17.85 * 2**30)
+  assert report["fits"] is False
 
 
 @pytest.mark.tpu_compile

@@ -163,6 +163,12 @@ def compile_train_step(config, devices, axis_sizes, batch_size, seq_len, compile
 # of memory on HBM, the total memory required for HLO temporaries (23.36G) exceeds
 # available HBM (15.75G)."
 _TPU_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+# ... or "CompileTimeHbmOom: ... Used 17.85G of 15.75G hbm.": everything, not only temporaries.
+_TPU_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm")
+
+
+def _size(found):
+  return int(float(found.group(1)) * 2**(10 * "KMGT".index(found.group(2)) + 10))
 
 
 def compile_plan(config, devices, axis_sizes, batch_size, seq_len, chip, mfu=DEFAULT_MFU,
@@ -189,12 +195,11 @@ def _out_of_memory_figures(message, params, opt_state, config, devices, axis_siz
                            batch_size, seq_len, chip, mfu):
   """Figures for a step the compiler refused: the state from the shardings, the
   temporaries from the compiler's message."""
-  found = _TPU_OOM.search(message)
-  temp = (int(float(found.group(1)) * 2**(10 * "KMGT".index(found.group(2)) + 10))
-          if found else None)
   state = bytes_on_one_device(params) + bytes_on_one_device(opt_state)
   batch_rows = sharding.local_shape((batch_size,), ("batch",), axis_sizes)[0]
   arguments = state + len(train_step.BATCH_FEATURES) * 4 * batch_rows * seq_len
+  found, used = _TPU_OOM.search(message), _TPU_OOM_USED.search(message)
+  temp = _size(found) if found else max(0, _size(used) - arguments) if used else None
   report = plan_figures(None, params, opt_state, config, devices, axis_sizes, batch_size,
                         seq_len, chip, mfu,
                         memory=(arguments, state, state, temp if temp is not None else 0))
@@ -410,8 +415,8 @@ def format_report(r):
   if r.get("microbatch_search"):
     tried = ", ".join(f"{t['microbatches']} {'fits' if t['fits'] else 'no'}"
                       for t in r["microbatch_search"])
-    found = (f"{r['microbatches']} fit" if r["fits"] else "none of them fit")
-    lines.append(f"  fewest microbatches   {found} (compiled: {tried})")
+    found = f"{r['microbatches']} fit" if r["fits"] else "none fit"
+    lines.append(f"  microbatch search     {found} (compiled: {tried})")
   if r.get("compiler_error"):
     lines.append(f"  the compiler refused it: {r['compiler_error']}")
   if r["hbm_bytes_per_device"]:
