@@ -357,6 +357,8 @@ class GPT(nn.Module):
     cfg = self.config
     if decode not in DECODE_MODES:
       raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}")
+    if self.part not in (None, "embed", "head"):
+      raise ValueError(f"part={self.part!r} is not one of None, 'embed', 'head'")
     if decode == "step" and (cache_index is None or positions is None
                              or tokens.shape[-1] != 1):
       raise ValueError("decode='step' takes tokens [batch, 1], positions and a cache_index")
