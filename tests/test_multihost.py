@@ -58,8 +58,10 @@ def _write_experiment(directory):
 
 
 def _env(devices):
+  # PYTHON: launch/cpu_multiprocess.sh starts this interpreter, not whatever python
+  # a checkout without .venv would find.
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-         "JAX_NUM_CPU_DEVICES": str(devices)}
+         "JAX_NUM_CPU_DEVICES": str(devices), "PYTHON": sys.executable}
   for key in ("PAXGPT_COORDINATOR_ADDRESS", "PAXGPT_NUM_PROCESSES", "PAXGPT_PROCESS_ID",
               "PAXGPT_DISTRIBUTED", "SLURM_NTASKS"):
     env.pop(key, None)
