@@ -10,9 +10,11 @@ float32): stage 1 (fsdp over all devices, the microbatches accumulated), stage
 S with repeats 1 and with repeats 2 (fsdp over the rest). Each row reports
 the median step time, its ratio to stage 1, and the bubble (S-1)/(R*M+S-1).
 The losses agree (the pipelined step is the unpipelined one's arithmetic).
-On fake CPU devices every device shares the host's cores, so a stage's idle
-iterations (the bubble) cost real time here, as they do on an accelerator
-that waits; what the ratio shows is the schedule's overhead, not a speed-up.
+On fake CPU devices every device shares the host's cores: a stage's idle
+iterations (the bubble) cost real time here, as they do on an accelerator that
+waits, and so do the collectives (host memory copies; an 8-way fsdp gather
+costs more than a 4-way one), so the ratio is the schedule's overhead mixed
+with the mesh's, not a prediction for an accelerator.
 """
 from __future__ import annotations
 
