@@ -64,6 +64,50 @@ def test_tpu_pod_dry_run_prints_create_install_and_run_on_all_workers():
                                "--gin.MODEL_DIR='gs://bucket/run 1'"]
 
 
+def test_tpu_pod_multislice_dry_run_gives_each_slice_the_megascale_environment():
+  result = _run(["bash", "launch/tpu_pod.sh", "--name", "gpt3", "--zone", "us-east5-a",
+                 "--num_slices", "3", "--create", "--accelerator_type", "v5e-256",
+                 "--gin_file", "gin/models/gpt3_175b.gin", "--dry-run", "--",
+                 "--mesh=data:1,fsdp:64,tensor:4", "--dcn=data:3"])
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  create = shlex.split(lines[0])
+  assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert create[5:] == ["gpt3", "--zone=us-east5-a", "--accelerator-type=v5e-256",
+                        "--runtime-version=v2-alpha-tpuv5", "--node-count=3",
+                        "--node-prefix=gpt3"]
+  commands = [shlex.split(line) for line in lines[1:] if not line.startswith("#")]
+  scps = [c for c in commands if c[4:5] == ["scp"]]
+  assert [c[6] for c in scps] == ["gpt3-0:paxgpt.tar.gz", "gpt3-1:paxgpt.tar.gz",
+                                  "gpt3-2:paxgpt.tar.gz"]
+  (describe,) = [shlex.split(line[1:]) for line in lines if line.startswith("#")]
+  assert describe[4:6] == ["describe", "gpt3-0"]
+  assert describe[-1] == "--format=value(networkEndpoints[0].ipAddress)"
+  runs = [c for c in commands if c[4:5] == ["ssh"] and "paxgpt.cli" in c[-1]]
+  assert [c[5] for c in runs] == ["gpt3-0", "gpt3-1", "gpt3-2"]
+  for slice_id, run in enumerate(runs):
+    assert run[6:8] == ["--zone=us-east5-a", "--worker=all"]
+    remote = shlex.split(run[-1].removeprefix("--command="))
+    env = dict(word.split("=", 1) for word in remote[3:remote.index(".venv/bin/python")])
+    assert env == {"MEGASCALE_COORDINATOR_ADDRESS": "WORKER0_IP:8080", "MEGASCALE_PORT": "8080",
+                   "MEGASCALE_NUM_SLICES": "3", "MEGASCALE_SLICE_ID": str(slice_id),
+                   "PAXGPT_DISTRIBUTED": "auto", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    assert remote[remote.index("paxgpt.cli") + 1:] == [
+        "train", "--gin_file=gin/models/gpt3_175b.gin", "--mesh=data:1,fsdp:64,tensor:4",
+        "--dcn=data:3"]
+
+
+def test_tpu_pod_multislice_with_a_known_coordinator_asks_nothing():
+  result = _run(["bash", "launch/tpu_pod.sh", "--name", "p", "--zone", "z", "--num_slices", "2",
+                 "--no_install", "--coordinator", "10.0.0.2", "--gin_file",
+                 "gin/models/gpt3_small.gin", "--dry-run"])
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 2 and not any(line.startswith("#") for line in lines)
+  assert all("MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2:8080" in shlex.split(line)[-1]
+             for line in lines)
+
+
 def test_tpu_pod_without_create_or_install_only_runs():
   result = _run(["bash", "launch/tpu_pod.sh", "--name", "p", "--zone", "z", "--no_install",
                  "--command", "eval", "--gin_file", "gin/models/gpt3_small.gin", "--dry-run"])
@@ -80,6 +124,8 @@ def test_tpu_pod_without_create_or_install_only_runs():
      "--create needs --accelerator_type"),
     (["--name", "p", "--zone", "z", "--gin_file", "gin/models/nope.gin"],
      "--gin_file gin/models/nope.gin: no such file"),
+    (["--name", "p", "--zone", "z", "--num_slices", "0", "--gin_file",
+      "gin/models/gpt3_small.gin"], "--num_slices 0: expected a positive integer"),
 ])
 def test_tpu_pod_bad_arguments_exit_2(args, message):
   result = _run(["bash", "launch/tpu_pod.sh", "--dry-run"] + args)
@@ -93,13 +139,11 @@ def _executable(path, text):
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-@pytest.mark.parametrize("tasks_per_node", [4, 1])
-def test_gpu_cluster_sbatch_starts_one_process_per_task_with_slurm_coordinator(
-    tmp_path, tasks_per_node):
+def _sbatch(tmp_path, tasks_per_node, args, nodes=2):
   """Runs the batch script with stand-ins for scontrol, srun and python: srun
   starts every task's shell as SLURM would; the stand-in python records what
-  each paxgpt process would get."""
-  nodes, bin_dir = 2, tmp_path / "bin"
+  each paxgpt process would get. Returns (result, [what task i saw])."""
+  bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   _executable(bin_dir / "scontrol", "#!/usr/bin/env bash\n"
               "[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu-node-7\\ngpu-node-8\\n'\n")
@@ -124,21 +168,42 @@ with open("{tmp_path}/task_" + os.environ["SLURM_PROCID"] + ".json", "w") as f:
          "SLURM_SUBMIT_DIR": ROOT, "PAXGPT_PYTHON": str(tmp_path / "python")}
   for key in ("PAXGPT_COORDINATOR_ADDRESS", "CUDA_VISIBLE_DEVICES"):
     env[key] = ""
-  result = _run(["bash", "launch/gpu_cluster.sbatch", "train",
-                 "--gin_file=gin/models/gpt3_xl.gin", "--gin.MODEL_DIR='/shared/a b'"], env=env)
+  result = _run(["bash", "launch/gpu_cluster.sbatch"] + args, env=env)
+  seen = [json.loads((tmp_path / f"task_{task}.json").read_text())
+          for task in range(nodes * tasks_per_node) if result.returncode == 0]
+  return result, seen
+
+
+@pytest.mark.parametrize("tasks_per_node", [4, 1])
+def test_gpu_cluster_sbatch_starts_one_process_per_task_with_slurm_coordinator(
+    tmp_path, tasks_per_node):
+  nodes = 2
+  result, seen = _sbatch(tmp_path, tasks_per_node,
+                         ["train", "--gin_file=gin/models/gpt3_xl.gin",
+                          "--gin.MODEL_DIR='/shared/a b'"], nodes)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "coordinator gpu-node-7:" in result.stdout
   assert (tmp_path / "srun_args").read_text().startswith("srun --kill-on-bad-exit=1")
   port = 20000 + 4242 % 20000
-  for task in range(nodes * tasks_per_node):
-    seen = json.loads((tmp_path / f"task_{task}.json").read_text())
-    assert seen["argv"] == ["-m", "paxgpt.cli", "train", "--gin_file=gin/models/gpt3_xl.gin",
-                            "--gin.MODEL_DIR='/shared/a b'"]
-    assert seen["PAXGPT_COORDINATOR_ADDRESS"] == f"gpu-node-7:{port}"
-    assert seen["PAXGPT_PROCESS_ID"] == str(task)
-    assert seen["PAXGPT_NUM_PROCESSES"] == str(nodes * tasks_per_node)
+  for task, got in enumerate(seen):
+    assert got["argv"] == ["-m", "paxgpt.cli", "train", "--gin_file=gin/models/gpt3_xl.gin",
+                           "--gin.MODEL_DIR='/shared/a b'"]
+    assert got["PAXGPT_COORDINATOR_ADDRESS"] == f"gpu-node-7:{port}"
+    assert got["PAXGPT_PROCESS_ID"] == str(task)
+    assert got["PAXGPT_NUM_PROCESSES"] == str(nodes * tasks_per_node)
     expected_gpu = str(task % tasks_per_node) if tasks_per_node > 1 else ""
-    assert (seen["CUDA_VISIBLE_DEVICES"] or "") == expected_gpu
+    assert (got["CUDA_VISIBLE_DEVICES"] or "") == expected_gpu
+
+
+def test_gpu_cluster_sbatch_puts_one_pipeline_stage_on_each_node(tmp_path):
+  result, seen = _sbatch(tmp_path, 1, ["--stage_over_nodes", "train",
+                                       "--gin_file=gin/models/gpt3_xl.gin",
+                                       "--mesh=data:1,fsdp:8,tensor:1"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "on 2 nodes" in result.stdout and "one pipeline stage per node" in result.stdout
+  for got in seen:
+    assert got["argv"] == ["-m", "paxgpt.cli", "train", "--gin_file=gin/models/gpt3_xl.gin",
+                           "--mesh=data:1,fsdp:8,tensor:1", "--dcn=stage:2"]
 
 
 def test_gpu_cluster_sbatch_outside_slurm_says_so():

@@ -91,6 +91,8 @@ def _write_experiment(directory):
 
 
 def _env(devices):
+  # PYTHON: launch/cpu_multiprocess.sh starts this interpreter, not whatever python
+  # a checkout without .venv would find.
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
          "JAX_NUM_CPU_DEVICES": str(devices), "PYTHON": sys.executable}
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -254,3 +256,51 @@ def test_bad_resumes_are_one_line_and_exit_2(runs):
                      "processes of this run: run it on a process count that divides it "
                      "(1, 2, 4, 8)"), log
   assert not any("Traceback" in line for line in log)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dcn, mesh, extra", [
+    ("data:2", "data:2,fsdp:4,tensor:1", []),
+    ("stage:2", "stage:2,data:1,fsdp:4,tensor:1",
+     ["--gin.GPTConfig.num_layers=4", "--gin.TrainConfig.num_microbatches=2"]),
+])
+def test_two_process_slices_train_like_one_slice_of_the_same_shape(tmp_path, dcn, mesh, extra):
+  """2 processes x 4 devices as two slices, --dcn=data:2 (data parallelism across
+  the processes, fsdp within each) or --dcn=stage:2 (a pipeline stage per
+  process: both read the same rows), give the losses of one process x 8 devices
+  on the mesh of the same shape; a DCN size that the processes do not make is
+  one line and exit code 2."""
+  gin_file = _write_experiment(str(tmp_path))
+  multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
+  launch = ["bash", "launch/cpu_multiprocess.sh", "--processes", "2", "--devices", "4",
+            "--timeout", str(LIMIT_S)]
+  multi = subprocess.Popen(
+      launch + ["--log_dir", str(tmp_path / "logs"), "--", "train", f"--gin_file={gin_file}",
+                "--mesh=data:1,fsdp:4,tensor:1", f"--dcn={dcn}", f"--gin.MODEL_DIR='{multi_dir}'",
+                *extra],
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  single = subprocess.Popen(
+      [sys.executable, "-m", "paxgpt.cli", "train", f"--gin_file={gin_file}", f"--mesh={mesh}",
+       f"--gin.MODEL_DIR='{single_dir}'", *extra],
+      cwd=ROOT, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  multi_out, _ = multi.communicate(timeout=LIMIT_S + 30)
+  single_out, _ = single.communicate(timeout=LIMIT_S)
+  assert multi.returncode == 0, multi_out[-4000:]
+  assert single.returncode == 0, single_out[-4000:]
+  multi_log, single_log = _metrics(multi_dir), _metrics(single_dir)
+  assert [r["step"] for r in multi_log] == list(range(1, STEPS + 1))
+  for m, s in zip(multi_log, single_log, strict=True):
+    for key in ("loss", "grad_norm", "tokens"):
+      assert m[key] == pytest.approx(s[key], rel=2e-5), (m["step"], key)
+  assert multi_log[-1]["loss"] < multi_log[0]["loss"]
+  if dcn != "data:2":
+    return
+  bad = subprocess.run(
+      launch + ["--log_dir", str(tmp_path / "bad_logs"), "--", "train", f"--gin_file={gin_file}",
+                "--mesh=data:1,fsdp:4,tensor:1", "--dcn=data:4",
+                f"--gin.MODEL_DIR='{tmp_path / 'bad'}'"],
+      cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=LIMIT_S)
+  assert bad.returncode == 2
+  errors = [line for line in bad.stdout.splitlines() if line.startswith("paxgpt: error:")]
+  assert errors == ["paxgpt: error: --dcn data:4 needs 4 slices but there are 2 (slices: one "
+                    "per process)"]

@@ -11,6 +11,7 @@ import sys
 
 import gin
 import jax
+import numpy as np
 import pytest
 
 from paxgpt.model import accounting
@@ -18,6 +19,7 @@ from paxgpt.model import gpt
 from paxgpt.training import plan
 from paxgpt.cli import commands
 from paxgpt.errors import UsageError
+from paxgpt.model import sharding
 from paxgpt.model.sharding import MeshError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,8 @@ def model_gin():
 
 def _args(**kwargs):
   defaults = dict(mesh=None, batch=None, chip=None, topology=None, json=True, remat="full",
-                  mfu=0.4, seq_len=None, flops="analytic")
+                  mfu=0.4, seq_len=None, flops="analytic", num_slices=1, dcn=None,
+                  microbatches=None)
   return argparse.Namespace(**{**defaults, **kwargs})
 
 
@@ -199,6 +202,40 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting(model_gin):
   assert report["total_bytes_per_device"] == state + 5 * 4 * 2 * 128 + int(23.36 * 2**30)
   assert report["fits"] is False and report["compiler_error"] == message.splitlines()[0]
   assert "the compiler refused it: RESOURCE_EXHAUSTED" in plan.format_report(report)
+  # The other form names everything the program needs.
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. "
+             "Ran out of memory in memory space hbm. Used 17.85G of 15.75G hbm. Exceeded hbm "
+             "capacity by 2.10G.")
+  report = plan._out_of_memory_figures(message, params, opt_state, config, devices, mesh, 8,
+                                       128, "v5e", 0.4)
+  assert report["total_bytes_per_device"] == int(17.85 * 2**30)
+  assert report["fits"] is False
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+@pytest.mark.parametrize("dtype, microbatches", [("float32", 1), ("bfloat16", 2)])
+def test_two_slices_send_each_microbatchs_gradients_over_dcn(dtype, microbatches):
+  """2 x v5e 2x2 with data parallelism across the slices (the default), compiled
+  by the TPU compiler: what each chip sends over DCN per step is its shard of
+  the gradients in the compute dtype, once per microbatch (XLA reduces them
+  inside the accumulation loop). A model whose shards fill whole (8, 128) tiles
+  makes the count exact."""
+  devices = plan.topology_devices("v5e", "2x2", num_slices=2)
+  mesh = sharding.mesh_from_flag("data:1,fsdp:4,tensor:1", devices)
+  config = gpt.GPTConfig(vocab_size=259, num_layers=16, d_model=1024, num_heads=8,
+                         head_dim=128, max_len=128, dtype=dtype, attention_backend="tpu",
+                         remat_policy="full")
+  report = plan.compile_plan(config, devices, dict(mesh.shape), 16, 128, "v5e",
+                             compiler_options={"exec_time_optimization_effort": -1.0},
+                             count_flops=False, mesh=mesh, microbatches=microbatches)
+  assert report["num_slices"] == 2 and report["dcn"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert set(report["dcn_transfers"]) == {"ALL_REDUCE"}
+  # Every parameter is split over fsdp but the biases of heads (the tensor axis, 1 here).
+  shard = (report["param_bytes_per_device"] / 4 * np.dtype(jax.numpy.dtype(dtype)).itemsize)
+  assert report["dcn_bytes_per_step"] == pytest.approx(microbatches * shard, rel=0.01)
+  assert report["dcn_loops_without_trip_count"] == 0
+  assert "slices                2 (axes over DCN: data:2)" in plan.format_report(report)
 
 
 def test_compiled_flops_count_every_layer_of_a_scanned_model(model_gin):
@@ -216,7 +253,7 @@ def test_compiled_flops_count_every_layer_of_a_scanned_model(model_gin):
 
   def count(cfg):
     lowered, _, _ = plan.lower_train_step(cfg, devices, mesh, batch, seq_len,
-                                          num_microbatches=1)
+                                          microbatches=1)
     return plan.program_flops(lowered.compile(), len(devices))
   unrolled = count(dataclasses.replace(config, scan_layers=False))
   assert report["flops_per_step_compiled"] == pytest.approx(unrolled, rel=0.01)

@@ -20,7 +20,7 @@ def train(args):
   NaN/Inf loss is trainer.NonFiniteLossError, a RunError: one line, exit 1."""
   from paxgpt.model import sharding
   from paxgpt.training import trainer
-  summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh))
+  summary = trainer.train(mesh=sharding.mesh_from_flag(args.mesh, dcn=args.dcn))
   if _is_chief():
     print(json.dumps(summary), flush=True)
   return 0
@@ -30,7 +30,8 @@ def evaluate(args):
   """`paxgpt eval`: prints one JSON object (step, validation loss, perplexity)."""
   from paxgpt.model import sharding
   from paxgpt.training import trainer
-  result = trainer.evaluate(mesh=sharding.mesh_from_flag(args.mesh), step=args.step)
+  result = trainer.evaluate(mesh=sharding.mesh_from_flag(args.mesh, dcn=args.dcn),
+                            step=args.step)
   if _is_chief():
     print(json.dumps(result), flush=True)
   return 0
@@ -41,7 +42,7 @@ def sample(args):
   from paxgpt.decoding import offline
   from paxgpt.model import sharding
   return offline.sample_file(args.prompts, args.output, step=args.step,
-                                  mesh=sharding.mesh_from_flag(args.mesh))
+                                  mesh=sharding.mesh_from_flag(args.mesh, dcn=args.dcn))
 
 
 def info(args):
@@ -61,7 +62,9 @@ def plan(args):
   from paxgpt.training import plan as plan_lib
   report = plan_lib.plan(mesh_flag=args.mesh, batch=args.batch, chip=args.chip,
                          topology=args.topology, remat=args.remat, mfu=args.mfu,
-                         seq_len=args.seq_len, count_flops=args.flops == "compiled")
+                         seq_len=args.seq_len, count_flops=args.flops == "compiled",
+                         num_slices=args.num_slices, dcn=args.dcn,
+                         microbatches=plan_lib.parse_microbatches(args.microbatches))
   print(json.dumps(report) if args.json else plan_lib.format_report(report))
   return 0
 

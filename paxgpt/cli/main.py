@@ -48,21 +48,25 @@ class Command:
 
 
 MESH_FLAG = ("--mesh", dict(default=None,
-                            help="mesh axis sizes, e.g. data:1,fsdp:8,tensor:1 (-1: the rest)"))
+                            help="mesh axis sizes (within a slice), e.g. data:1,fsdp:8,tensor:1 "
+                                 "(-1: the rest; stage:N pipelines the layers)"))
+DCN_FLAG = ("--dcn", dict(default=None,
+                          help="axis sizes across slices, e.g. data:4 or stage:2 (default: data "
+                               "over all TPU slices; CPU/GPU: one slice per process)"))
 JSON_FLAG = ("--json", dict(action="store_true", help="print one JSON object"))
 
 COMMANDS = {
     "train": Command("train", "train (or resume) a model in MODEL_DIR",
-                     flags=(MESH_FLAG,)),
+                     flags=(MESH_FLAG, DCN_FLAG)),
     "eval": Command("evaluate",
                     "validation loss and perplexity of a checkpoint",
                     default_gin=("gin/runs/eval.gin",),
-                    flags=(MESH_FLAG, ("--step", dict(type=int, default=None,
+                    flags=(MESH_FLAG, DCN_FLAG, ("--step", dict(type=int, default=None,
                                                       help="checkpoint step (default latest)")))),
     "sample": Command("sample",
                       "sample completions for a JSONL file of prompts",
                       default_gin=("gin/runs/sample.gin",),
-                      flags=(MESH_FLAG,
+                      flags=(MESH_FLAG, DCN_FLAG,
                              ("--prompts", dict(required=True, help="input JSONL")),
                              ("--output", dict(required=True, help="output JSONL")),
                              ("--step", dict(type=int, default=None,
@@ -74,8 +78,13 @@ COMMANDS = {
                                               help="sequence length for FLOPs (default max_len)")))),
     "plan": Command("plan",
                     "compile the train step for a mesh and report per-device memory",
-                    flags=(MESH_FLAG, JSON_FLAG,
+                    flags=(MESH_FLAG, DCN_FLAG, JSON_FLAG,
                            ("--batch", dict(type=int, default=None, help="global batch size")),
+                           ("--num_slices", dict(type=int, default=1,
+                                                 help="TPU slices of --topology each (default 1)")),
+                           ("--microbatches", dict(default=None,
+                                                   help="N, or auto: the fewest that fit "
+                                                        "(default TrainConfig.num_microbatches)")),
                            ("--chip", dict(default=None, help="v4|v5e|v5p|v6e|h100|h200")),
                            ("--topology", dict(default=None,
                                                help="TPU topology, e.g. 4x4x8 (needs libtpu)")),

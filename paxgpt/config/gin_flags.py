@@ -17,7 +17,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # gin appends the whole config to some parse errors (an undefined macro).
 _GIN_CONFIG_DUMP = re.compile(r"\s*in config string:.*$", re.S)
 # The modules that define gin configurables.
-CONFIGURABLE_MODULES = ("paxgpt.model.gpt", "paxgpt.model.sharding", "paxgpt.training.optim",
+CONFIGURABLE_MODULES = ("paxgpt.model.gpt", "paxgpt.model.sharding", "paxgpt.model.pipeline",
+                        "paxgpt.training.optim",
                         "paxgpt.store.checkpoint", "paxgpt.data.loader",
                         "paxgpt.training.trainer", "paxgpt.decoding.offline")
 

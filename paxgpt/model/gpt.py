@@ -445,13 +445,19 @@ class GPT(nn.Module):
   of all positions in the cache and returns the logits at `logits_at` [batch, k].
   """
   config: GPTConfig
+  # The pipeline's hook (paxgpt/model/pipeline.py runs the periods itself, stage by
+  # stage): "embed" returns the input of the periods; "head" maps their output,
+  # `hidden`, to the logits. None: the whole decoder.
+  part: str | None = None
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True,
-               decode=None, cache_length=0, cache_index=None, logits_at=None):
+               decode=None, cache_length=0, cache_index=None, logits_at=None, hidden=None):
     cfg = self.config
     if decode not in DECODE_MODES:
       raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}")
+    if self.part not in (None, "embed", "head"):
+      raise ValueError(f"part={self.part!r} is not one of None, 'embed', 'head'")
     if decode == "step" and (cache_index is None or positions is None
                              or tokens.shape[-1] != 1):
       raise ValueError("decode='step' takes tokens [batch, 1], positions and a cache_index")
@@ -480,9 +486,13 @@ class GPT(nn.Module):
     x = jnp.take(table, tokens, axis=0) + jnp.take(pos_table, positions, axis=0)
     x = _constrain(x, BATCH_LENGTH_EMBED)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    if self.part == "embed":
+      return x
 
     period = _remat(Period, _remat_policy(cfg, decode, "period"), scanned=cfg.scan_layers)
-    if cfg.scan_layers:
+    if self.part == "head":  # the embedding above is dead code, which jit drops
+      x = hidden
+    elif cfg.scan_layers:
       stack = nn.scan(period, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast,

@@ -2,9 +2,11 @@
 the figures `paxgpt info` prints."""
 from __future__ import annotations
 
+import math
 
 from paxgpt.model import accounting
 from paxgpt.model import gpt
+from paxgpt.model import pipeline
 from paxgpt.model import sharding
 
 
@@ -12,7 +14,11 @@ def describe(config, axis_sizes, seq_len=None):
   """The figures `paxgpt info` prints, as a dict (all from abstract shapes)."""
   variables = gpt.abstract_variables(config)
   total, non_embedding = accounting.param_counts(variables)
-  per_device, replicated = accounting.bytes_per_device(variables, axis_sizes)
+  if axis_sizes.get("stage", 1) > 1:  # pipelined: each stage holds its share of the periods
+    variables = pipeline.to_stages(variables, pipeline.Pipeline(
+        axis_sizes["stage"], pipeline.PipelineConfig().repeats, 1))
+  per_device, replicated = accounting.bytes_per_device(
+      variables, axis_sizes, sharding.LOGICAL_AXIS_RULES + sharding.STAGE_AXIS_RULES)
   seq_len = seq_len or config.max_len
   return {
       "params": total,
@@ -44,16 +50,16 @@ def check_model_on_mesh(config, axis_sizes):
 
 
 def mesh_axis_sizes(mesh_flag, num_devices=None):
-  """Axis sizes from --mesh; a -1 is resolved against the visible devices."""
+  """Axis sizes from --mesh (with `stage` when it asks for stages); a -1 is
+  resolved against the visible devices."""
   import jax
-  requested = dict(data=1, fsdp=-1, tensor=1)
-  requested.update(sharding.parse_mesh_flag(mesh_flag or ""))
-  if -1 in requested.values():
+  requested = sharding.parse_mesh_flag(mesh_flag or "")
+  sizes = {"data": 1, "fsdp": -1, "tensor": 1, **requested}
+  if -1 in sizes.values():
     num_devices = num_devices or jax.device_count()
   else:
-    num_devices = num_devices or requested["data"] * requested["fsdp"] * requested["tensor"]
-  sizes = sharding.resolve_mesh_shape(num_devices, **requested)
-  return dict(zip(sharding.MESH_AXES, sizes))
+    num_devices = num_devices or math.prod(sizes.values())
+  return sharding.resolve_hybrid(num_devices, requested, {}, 1)[0]
 
 
 def format_report(config, report):

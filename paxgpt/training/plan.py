@@ -30,6 +30,8 @@ import numpy as np
 from paxgpt.model import accounting
 from paxgpt.model import info
 from paxgpt.model import gpt
+from paxgpt.model import pipeline
+from paxgpt.training import hlo_traffic
 from paxgpt.training import optim
 from paxgpt.model import sharding
 from paxgpt.training import train_step
@@ -62,12 +64,16 @@ def parse_topology(chip, topology):
   return chip, dims
 
 
-def topology_devices(chip, dims):
-  """Compile-only TPU devices of a `chip` slice shaped `dims` (needs libtpu, no TPU)."""
+def topology_devices(chip, dims, num_slices=1):
+  """Compile-only TPU devices of `num_slices` `chip` slices shaped `dims` (needs
+  libtpu, no TPU); several slices' devices carry their slice_index."""
   from jax.experimental import topologies
+  if num_slices < 1:
+    raise UsageError(f"--num_slices={num_slices}: must be at least 1")
   try:
     topo = topologies.get_topology_desc(topology_name=f"{chip}:{dims}", platform="tpu",
-                                        chip_config_name=_CHIP_CONFIG[chip])
+                                        chip_config_name=_CHIP_CONFIG[chip],
+                                        num_slices=num_slices)
   except (RuntimeError, ValueError, NotImplementedError) as err:
     raise UsageError(f"--topology={chip}:{dims}: libtpu could not describe it "
                      f"({str(err).splitlines()[0][:200]})") from None
@@ -90,22 +96,22 @@ def cpu_devices(count):
 
 # ---------------------------------------------------------------- train step
 
-def _trainer_step(config, partitioner, batch_size, seq_len, num_microbatches=None):
+def _trainer_step(config, partitioner, batch_size, seq_len, microbatches=None):
   """The trainer's own jitted train step (GPT-3 optimizer, gin's TrainConfig
-  microbatches unless `num_microbatches` says) and its abstract arguments."""
+  microbatches unless `microbatches` says; pipelined on a mesh with a stage
+  axis) and its abstract arguments."""
   train_config = trainer.TrainConfig()
-  if num_microbatches is not None:
-    train_config = dataclasses.replace(train_config, num_microbatches=num_microbatches)
-  micro, shards = train_config.num_microbatches, partitioner.shards("batch")
+  micro, shards = microbatches or train_config.num_microbatches, partitioner.shards("batch")
   if batch_size % micro or (batch_size // micro) % shards:
-    raise UsageError(f"--batch={batch_size} in TrainConfig.num_microbatches={micro} "
-                     f"microbatches does not split evenly over the {shards} batch shards")
+    raise UsageError(f"--batch={batch_size} in {micro} microbatches does not split evenly "
+                     f"over the {shards} batch shards")
+  pipe = pipeline.make(partitioner.mesh, config, micro)
   optimizer, schedule = optim.make_optimizer(optim.OptimizerConfig(), train_config.num_steps,
                                              batch_size * seq_len)
-  boxed = train_step.abstract_train_state(config, optimizer)
+  boxed = train_step.abstract_train_state(config, optimizer, pipe)
   step = train_step.make_train_step(config, optimizer, partitioner, schedule=schedule,
-                                    num_microbatches=train_config.num_microbatches,
-                                    abstract_state=boxed)
+                                    num_microbatches=micro, abstract_state=boxed,
+                                    pipeline=pipe)
   state = partitioner.abstract(boxed)
   batch = train_step.abstract_batch(batch_size, seq_len, partitioner)
   return step, (state, batch), state.params, state.opt_state
@@ -122,9 +128,11 @@ def bytes_on_one_device(tree):
   return total
 
 
-def lower_train_step(config, devices, axis_sizes, batch_size, seq_len, num_microbatches=None,
-                     rules=sharding.LOGICAL_AXIS_RULES):
-  """(lowered step, sharded abstract params, sharded abstract optimizer state)."""
+def lower_train_step(config, devices, axis_sizes, batch_size, seq_len, mesh=None,
+                     microbatches=None, rules=sharding.LOGICAL_AXIS_RULES):
+  """(lowered step, sharded abstract params, sharded abstract optimizer state).
+  `mesh`: the devices' mesh when it is not `make_mesh(**axis_sizes)` (several
+  slices: `hybrid_mesh`); `microbatches`: instead of TrainConfig.num_microbatches."""
   if len(devices) != math.prod(axis_sizes.values()):
     raise sharding.MeshError(
         f"mesh {','.join(f'{k}:{v}' for k, v in axis_sizes.items())} needs "
@@ -136,10 +144,10 @@ def lower_train_step(config, devices, axis_sizes, batch_size, seq_len, num_micro
     raise UsageError(f"--batch={batch_size} is not divisible by {axes} = {batch_shards}")
   if seq_len > config.max_len:
     raise UsageError(f"--seq_len={seq_len} exceeds the model's max_len={config.max_len}")
-  mesh = sharding.make_mesh(**axis_sizes, devices=devices)
+  mesh = mesh or sharding.make_mesh(**axis_sizes, devices=devices)
   partitioner = sharding.Partitioner(mesh, rules)
   step, abstract_args, params, opt_state = _trainer_step(config, partitioner, batch_size,
-                                                        seq_len, num_microbatches)
+                                                        seq_len, microbatches)
   lowered = step.lower(*abstract_args)  # ShardedStep traces under the mesh and rules
   return lowered, params, opt_state
 
@@ -155,14 +163,20 @@ def compile_train_step(config, devices, axis_sizes, batch_size, seq_len, compile
 # of memory on HBM, the total memory required for HLO temporaries (23.36G) exceeds
 # available HBM (15.75G)."
 _TPU_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+# ... or "CompileTimeHbmOom: ... Used 17.85G of 15.75G hbm.": everything, not only temporaries.
+_TPU_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm")
+
+
+def _size(found):
+  return int(float(found.group(1)) * 2**(10 * "KMGT".index(found.group(2)) + 10))
 
 
 def compile_plan(config, devices, axis_sizes, batch_size, seq_len, chip, mfu=DEFAULT_MFU,
-                 compiler_options=None, count_flops=True):
+                 compiler_options=None, count_flops=True, mesh=None, microbatches=None):
   """Compile the train step on `devices` and return the plan's figures as a dict
   (with `count_flops`, also the compiler's FLOPs per step: flop_figures)."""
   lowered, params, opt_state = lower_train_step(config, devices, axis_sizes, batch_size,
-                                                seq_len)
+                                                seq_len, mesh, microbatches)
   try:
     compiled = lowered.compile(compiler_options)
   except jax.errors.JaxRuntimeError as err:
@@ -170,25 +184,26 @@ def compile_plan(config, devices, axis_sizes, batch_size, seq_len, chip, mfu=DEF
       raise
     report = _out_of_memory_figures(str(err), params, opt_state, config, devices, axis_sizes,
                                     batch_size, seq_len, chip, mfu)
+    compiled = None
   else:
     report = plan_figures(compiled, params, opt_state, config, devices, axis_sizes, batch_size,
                           seq_len, chip, mfu)
+  mesh = mesh or sharding.make_mesh(**axis_sizes, devices=devices)
   if count_flops:
     report.update(flop_figures(config, devices, axis_sizes, batch_size, seq_len,
-                               report["flops_per_step"]))
-  return report
+                               report["flops_per_step"], mesh))
+  return with_scale_figures(report, compiled, mesh, config, microbatches)
 
 
 def _out_of_memory_figures(message, params, opt_state, config, devices, axis_sizes,
                            batch_size, seq_len, chip, mfu):
   """Figures for a step the compiler refused: the state from the shardings, the
   temporaries from the compiler's message."""
-  found = _TPU_OOM.search(message)
-  temp = (int(float(found.group(1)) * 2**(10 * "KMGT".index(found.group(2)) + 10))
-          if found else None)
   state = bytes_on_one_device(params) + bytes_on_one_device(opt_state)
   batch_rows = sharding.local_shape((batch_size,), ("batch",), axis_sizes)[0]
   arguments = state + len(train_step.BATCH_FEATURES) * 4 * batch_rows * seq_len
+  found, used = _TPU_OOM.search(message), _TPU_OOM_USED.search(message)
+  temp = _size(found) if found else max(0, _size(used) - arguments) if used else None
   report = plan_figures(None, params, opt_state, config, devices, axis_sizes, batch_size,
                         seq_len, chip, mfu,
                         memory=(arguments, state, state, temp if temp is not None else 0))
@@ -317,7 +332,7 @@ _ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s8": 1, "u8": 1, "s16": 2
              "s32": 4, "u32": 4, "s64": 8, "u64": 8, "pred": 1}
 
 
-def counted_per_step(config, devices, axis_sizes, batch_size, seq_len,
+def counted_per_step(config, devices, axis_sizes, batch_size, seq_len, mesh=None,
                      rules=sharding.LOGICAL_AXIS_RULES):
   """What the compiler counts for the step, every layer included (FLOPS_SOURCE):
   {"flops", "flops_per_period", "flops_outside_periods", "collective_bytes"} where
@@ -330,7 +345,7 @@ def counted_per_step(config, devices, axis_sizes, batch_size, seq_len,
     unrolled = dataclasses.replace(config, scan_layers=False,
                                    num_layers=periods * len(config.attention_pattern))
     lowered, _, _ = lower_train_step(unrolled, devices, axis_sizes, batch_size, seq_len,
-                                     num_microbatches=1, rules=rules)
+                                     mesh=mesh, microbatches=1, rules=rules)
     compiled = lowered.compile(options)
     flops.append(program_flops(compiled, len(devices)))
     sent.append(collective_bytes(compiled.as_text()))
@@ -342,17 +357,20 @@ def counted_per_step(config, devices, axis_sizes, batch_size, seq_len,
                                for k in kinds}}
 
 
-def flop_figures(config, devices, axis_sizes, batch_size, seq_len, analytic_flops_per_step):
+def flop_figures(config, devices, axis_sizes, batch_size, seq_len, analytic_flops_per_step,
+                 mesh=None):
   """The plan's FLOPs fields: the compiler's count per step (None where even the
-  two-period step does not fit), where it came from, and its ratio to the analytic
-  count (accounting.flops_per_token: 6N + attention), which is what remat adds."""
-  try:
-    counted = counted_per_step(config, devices, axis_sizes, batch_size, seq_len)
-  except jax.errors.JaxRuntimeError as err:
-    if "RESOURCE_EXHAUSTED" not in str(err):
-      raise
-    counted = dict.fromkeys(("flops", "flops_per_period", "flops_outside_periods",
-                             "collective_bytes"))
+  two-period step does not fit, or on a pipelined mesh, whose stages need the
+  periods stacked), where it came from, and its ratio to the analytic count
+  (accounting.flops_per_token: 6N + attention), which is what remat adds."""
+  counted = dict.fromkeys(("flops", "flops_per_period", "flops_outside_periods",
+                           "collective_bytes"))
+  if mesh is None or sharding.stage_count(mesh) == 1:
+    try:
+      counted = counted_per_step(config, devices, axis_sizes, batch_size, seq_len, mesh)
+    except jax.errors.JaxRuntimeError as err:
+      if "RESOURCE_EXHAUSTED" not in str(err):
+        raise
   total = counted["flops"]
   return {"flops_per_step_compiled": total,
           "flops_per_period_compiled": counted["flops_per_period"],
@@ -360,6 +378,80 @@ def flop_figures(config, devices, axis_sizes, batch_size, seq_len, analytic_flop
           "flops_source": FLOPS_SOURCE,
           "flops_compiled_over_analytic": (total / analytic_flops_per_step) if total else None,
           "collective_bytes_per_step_per_device": counted["collective_bytes"]}
+
+
+# ---------------------------------------------------------------- slices and stages
+
+def with_scale_figures(report, compiled, mesh, config, microbatches=None):
+  """`report` plus the figures of several slices and pipeline stages: the DCN
+  size of each mesh axis, the bytes each chip sends over DCN per step (from the
+  compiled program; None when it did not compile), the microbatches, the
+  pipeline's schedule and bubble; the step time at the stated MFU then counts
+  the bubble as idle time."""
+  micro = microbatches or trainer.TrainConfig().num_microbatches
+  pipe = pipeline.make(mesh, config, micro)
+  dcn = sharding.dcn_sizes(mesh)
+  transfers, unknown = ({}, 0) if compiled is None else hlo_traffic.dcn_transfers(
+      compiled.as_text())
+  report.update(
+      num_slices=math.prod(dcn.values()), dcn=dcn, microbatches=micro,
+      dcn_bytes_per_step=sum(transfers.values()) if compiled is not None else None,
+      dcn_transfers=transfers, dcn_loops_without_trip_count=unknown,
+      pipeline=pipe.describe() if pipe else None)
+  if pipe and report["step_time_s"]:
+    report["step_time_s"] /= 1 - pipe.bubble
+  return report
+
+
+def parse_microbatches(text):
+  """--microbatches: None (TrainConfig's), "auto" or a positive count."""
+  if text is None or text == "auto":
+    return text
+  if not str(text).isdigit() or int(text) < 1:
+    raise UsageError(f"--microbatches={text}: expected a positive count or auto")
+  return int(text)
+
+
+def fewest_microbatches(compile_with, counts):
+  """The plan with the fewest microbatches that fits: `compile_with(m)` is a
+  plan's report for m microbatches, `counts` the candidate counts. Memory falls
+  as microbatches rise, so a binary search compiles only a few of them. The
+  report lists what was tried."""
+  tried, best = [], None
+  low, high = 0, len(counts) - 1
+  while low <= high:
+    middle = (low + high) // 2
+    report = compile_with(counts[middle])
+    tried.append({"microbatches": counts[middle], "fits": report["fits"],
+                  "total_bytes_per_device": report.get("total_bytes_per_device")})
+    if report["fits"]:
+      best, high = report, middle - 1
+    else:
+      low = middle + 1
+  if best is None:
+    report["microbatch_search"] = tried
+    return report  # the most microbatches, which do not fit either
+  best["microbatch_search"] = sorted(tried, key=lambda t: t["microbatches"])
+  return best
+
+
+def microbatch_counts(mesh, config, batch_size):
+  """The microbatch counts a batch splits into: even over the batch shards, and
+  whole pipeline passes when the mesh has stages."""
+  shards = sharding.shard_count("batch", dict(mesh.shape))
+  counts = []
+  for m in range(1, batch_size + 1):
+    if batch_size % m or (batch_size // m) % shards:
+      continue
+    try:
+      pipeline.make(mesh, config, m)
+    except UsageError:
+      continue
+    counts.append(m)
+  if not counts:
+    raise UsageError(f"--microbatches=auto: no microbatch count splits --batch={batch_size} "
+                     f"evenly over the {shards} batch shards (and the pipeline's passes)")
+  return counts
 
 
 def _default_batch(batch_shards, seq_len):
@@ -374,31 +466,51 @@ def _default_batch(batch_shards, seq_len):
 
 
 def plan(mesh_flag=None, batch=None, chip=None, topology=None, remat=DEFAULT_REMAT,
-         mfu=DEFAULT_MFU, seq_len=None, count_flops=True):
-  """The figures of `paxgpt plan` for gin's GPTConfig (see the module docstring)."""
+         mfu=DEFAULT_MFU, seq_len=None, count_flops=True, num_slices=1, dcn=None,
+         microbatches=None):
+  """The figures of `paxgpt plan` for gin's GPTConfig (see the module docstring).
+  num_slices: TPU slices (with --topology, each of that shape); dcn: the
+  --dcn flag (default: data over the slices); microbatches: a count, "auto"
+  (the fewest that fit) or None (TrainConfig.num_microbatches); count_flops: the
+  compiler's FLOPs per step too (two more compiles, of the unrolled step)."""
   if not 0 < mfu <= 1:
     raise UsageError(f"--mfu={mfu}: expected a fraction in (0, 1]")
   config = gpt.GPTConfig()
   if topology:
     chip, dims = parse_topology(chip, topology)
-    devices = topology_devices(chip, dims)
-    axis_sizes = info.mesh_axis_sizes(mesh_flag, len(devices))
+    devices = topology_devices(chip, dims, num_slices)
+    mesh = sharding.mesh_from_flag(mesh_flag, devices, dcn)
     # Pallas (Mosaic) attention under shard_map, as the TPU run would use.
     config = dataclasses.replace(config, attention_backend="tpu", attention_interpret=False)
   else:
+    if num_slices != 1 or dcn:
+      raise UsageError("--num_slices and --dcn need --topology (several TPU slices)")
     chip = chip or "v5p"
     if chip not in accounting.CHIPS:
       raise UsageError(f"--chip={chip}: expected one of {'|'.join(accounting.CHIPS)}")
-    axis_sizes = info.mesh_axis_sizes(mesh_flag, None if mesh_flag else jax.device_count())
-    devices = cpu_devices(math.prod(axis_sizes.values()))
+    ici = info.mesh_axis_sizes(mesh_flag, None if mesh_flag else jax.device_count())
+    devices = cpu_devices(math.prod(ici.values()))
+    mesh = sharding.make_mesh(**ici, devices=devices)
     config = dataclasses.replace(config, attention_backend="reference")
+  axis_sizes = dict(mesh.shape)
   config = dataclasses.replace(config, remat_policy=remat)
   seq_len = seq_len or config.max_len
-  batch = batch or _default_batch(sharding.shard_count("batch", axis_sizes), seq_len)
+  shards = sharding.shard_count("batch", axis_sizes)
+  batch = batch or _default_batch(shards, seq_len)
   if batch < 1:
     raise UsageError(f"--batch={batch}: must be positive")
-  return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu,
-                      count_flops=count_flops)
+
+  def compile_with(count, flops=count_flops):
+    return compile_plan(config, devices, axis_sizes, batch, seq_len, chip, mfu,
+                        count_flops=flops, mesh=mesh, microbatches=count)
+  if microbatches != "auto":
+    return compile_with(microbatches)
+  report = fewest_microbatches(lambda count: compile_with(count, flops=False),
+                               microbatch_counts(mesh, config, batch))
+  if count_flops:  # once, for the plan found (the count is per step, whatever the split)
+    report.update(flop_figures(config, devices, axis_sizes, batch, seq_len,
+                               report["flops_per_step"], mesh))
+  return report
 
 
 def format_report(r):
@@ -430,6 +542,24 @@ def format_report(r):
     sent = r["collective_bytes_per_step_per_device"]
     lines.append(f"  collectives per step   {gib(sum(sent.values())).strip()} sent per device ("
                  + ", ".join(f"{k} {gib(v).strip()}" for k, v in sent.items()) + ")")
+  if r.get("num_slices", 1) > 1 or r.get("pipeline"):
+    dcn = ",".join(f"{k}:{v}" for k, v in r["dcn"].items() if v > 1) or "none"
+    sent = ("(not compiled)" if r["dcn_bytes_per_step"] is None
+            else f"{gib(r['dcn_bytes_per_step']).strip()} per chip per step "
+                 f"({', '.join(f'{k} {gib(v).strip()}' for k, v in r['dcn_transfers'].items())})")
+    lines.append(f"  slices                {r['num_slices']} (axes over DCN: {dcn}); "
+                 f"DCN sends {sent}")
+  lines.append(f"  microbatches          {r.get('microbatches', 1)}")
+  if r.get("pipeline"):
+    p = r["pipeline"]
+    lines.append(f"  pipeline              {p['stages']} stages x {p['repeats']} repeats, "
+                 f"{p['microbatches']} microbatches per pass: {p['iterations']} iterations, "
+                 f"bubble {p['bubble']:.1%} (step time below counts it)")
+  if r.get("microbatch_search"):
+    tried = ", ".join(f"{t['microbatches']} {'fits' if t['fits'] else 'no'}"
+                      for t in r["microbatch_search"])
+    found = f"{r['microbatches']} fit" if r["fits"] else "none fit"
+    lines.append(f"  microbatch search     {found} (compiled: {tried})")
   if r.get("compiler_error"):
     lines.append(f"  the compiler refused it: {r['compiler_error']}")
   if r["hbm_bytes_per_device"]:

@@ -33,7 +33,8 @@ from paxgpt.config.checks import check_types
 from paxgpt.errors import ConfigError, RunDirBusyError, RunError, UsageError
 from paxgpt.training.metrics import MetricsWriter
 from paxgpt.progress import progress
-from paxgpt.training.train_step import (BATCH_FEATURES, TrainState, abstract_train_state,
+from paxgpt.model import pipeline as pipeline_lib
+from paxgpt.training.train_step import (BATCH_FEATURES, StateLayout, TrainState,
                                evaluate_params, make_eval_step, make_train_step)
 
 
@@ -207,10 +208,15 @@ class _Run:
       _check_fewshot(train_config)
     self.optimizer, self.schedule = optim.make_optimizer(opt_config, train_config.num_steps,
                                                          tokens_per_step)
-    self.abstract = abstract_train_state(model_config, self.optimizer)
+    # A `stage` mesh axis pipelines the periods; checkpoints keep the unpipelined layout.
+    self.pipeline = pipeline_lib.make(partitioner.mesh, model_config,
+                                      train_config.num_microbatches)
+    self.layout = StateLayout(model_config, self.optimizer, partitioner, self.pipeline)
+    self.abstract = self.layout.run_abstract
     self.shardings = partitioner.tree_shardings(self.abstract)
     self._steps = {}
-    self.eval_step = make_eval_step(model_config, partitioner, self.shardings.params)
+    self.eval_step = make_eval_step(model_config, partitioner, self.shardings.params,
+                                    self.pipeline)
     self.data = data_lib.TrainIterator(self.data_config, partitioner)
     self.checkpointer = checkpoint.Checkpointer(self.model_dir, ckpt_config)
     _, non_embedding = accounting.param_counts(gpt.abstract_variables(model_config))
@@ -225,7 +231,8 @@ class _Run:
       self._steps[units] = make_train_step(
           self.model_config, self.optimizer, self.partitioner,
           num_microbatches=units * self.cfg.num_microbatches, z_loss=self.cfg.z_loss,
-          schedule=self.schedule, seed=self.cfg.seed, abstract_state=self.abstract)
+          schedule=self.schedule, seed=self.cfg.seed, abstract_state=self.abstract,
+          pipeline=self.pipeline)
     return self._steps[units]
 
   def next_batch(self, units):
@@ -237,11 +244,13 @@ class _Run:
   def initial_state(self):
     """(state, validation_loss) from MODEL_DIR's latest checkpoint, else from
     init_from's parameters, else freshly initialised."""
-    abstract = self.partitioner.abstract(self.abstract)
+    abstract = self.partitioner.abstract(self.layout.stored_abstract)
     latest, restored, self.skipped = self.checkpointer.restore_newest(abstract.params,
                                                                      abstract.opt_state)
     if latest is not None:
       params, opt_state, data_state, meta = restored
+      params, opt_state = self.layout.run("params", params), self.layout.run("opt_state",
+                                                                              opt_state)
       self.data.restore(data_state)
       step = jax.device_put(jnp.int32(latest), self.shardings.step)
       return TrainState(params, opt_state, step), meta.get("validation_loss")
@@ -253,9 +262,11 @@ class _Run:
       network = gpt.GPT(self.model_config)
       tokens = jnp.zeros((1, min(8, self.model_config.max_len)), jnp.int32)
       init = jax.jit(lambda key: nn.unbox(network.init(key, tokens))["params"],
-                     out_shardings=self.shardings.params)
+                     out_shardings=self.partitioner.tree_shardings(
+                         self.layout.stored_abstract.params))
       with self.partitioner.activate():
         params = init(jax.random.key(self.cfg.seed))
+    params = self.layout.run("params", params)
     step = jax.device_put(jnp.int32(0), self.shardings.step)
     return TrainState(params, init_opt(params), step), None
 
@@ -267,6 +278,7 @@ class _Run:
     """{'fewshot/TASK/METRIC': value}: the harness's scores of `params`
     (paxgpt/interop/lm_eval_model.py), one adapter kept so programs compile once."""
     from paxgpt.interop import lm_eval_model
+    params = self.layout.plain_params(params)
     if self._fewshot_lm is None:
       self._fewshot_lm = lm_eval_model.PaxGPTLM.from_params(
           self.model_config, params, data_lib.get_vocabulary(self.data_config),
@@ -278,7 +290,9 @@ class _Run:
     return {f"fewshot/{k}": v for k, v in lm_eval_model.scalar_metrics(results).items()}
 
   def save(self, state, step, validation_loss):
-    self.checkpointer.save(step, state, self.data.state(), validation_loss)
+    stored = state.replace(params=self.layout.stored("params", state.params),
+                           opt_state=self.layout.stored("opt_state", state.opt_state))
+    self.checkpointer.save(step, stored, self.data.state(), validation_loss)
 
 
 def _check_fewshot(cfg):
