@@ -19,13 +19,15 @@ def default_backend():
 
 
 def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=None,
-              backend=None, interpret=False, **block_sizes):
+              backend=None, interpret=False, forward_only=False, **block_sizes):
   """Causal self-attention over [batch, seq, heads, head_dim].
 
   window=None is dense causal; window=W is banded causal (key j visible from
   query i iff j <= i and i - j < W). segment_ids [batch, seq] keeps packed
   documents apart. `interpret` runs the Pallas kernels in interpret mode
   (True, or a `pltpu.InterpretParams` for the TPU kernels) so they run on CPU.
+  forward_only (the decoders' prefill): the reference backend then skips the key
+  blocks the mask leaves empty, as the kernels do (no gradient through it).
   """
   if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"q, k, v must all be [batch, seq, heads, head_dim]; got "
@@ -45,8 +47,8 @@ def attention(q, k, v, *, causal=True, window=None, segment_ids=None, sm_scale=N
   if backend not in BACKENDS:
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
   if backend == "reference":
-    return reference.attention(q, k, v, causal=causal, window=window,
-                               segment_ids=segment_ids, sm_scale=sm_scale)
+    fn = reference.attention_by_blocks if forward_only else reference.attention
+    return fn(q, k, v, causal=causal, window=window, segment_ids=segment_ids, sm_scale=sm_scale)
   if backend == "cudnn":
     return _cudnn(q, k, v, causal, window, segment_ids, sm_scale)
   if backend == "tpu":

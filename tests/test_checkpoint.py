@@ -108,3 +108,66 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
   _save(tmp_path, [1], part)
   with pytest.raises(UsageError, match="no checkpoint for step 7.*saved steps: \\[1\\]"):
     checkpoint.restore_params(tmp_path, *args, step=7)
+
+
+# Two periods of (dense, banded) layers, in shapes no other test makes, so that
+# counting live arrays by shape counts this model's stacked leaves only.
+SPLIT_CONFIG = tiny(num_layers=4, d_model=40, num_heads=4, head_dim=10, max_len=24, window=8)
+
+
+def _saved_for_decoding(directory):
+  """A checkpoint of SPLIT_CONFIG (scanned, as training saves it) written on one
+  device; the saved parameters, on the host."""
+  part = one_device()
+  state = init_train_state(SPLIT_CONFIG, OPTIMIZER, part, seed=7)
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(1, state, {"position": 1})
+  ckpt.close()
+  return jax.tree.map(np.asarray, state.params)
+
+
+def test_leaf_by_leaf_restore_gives_the_bits_of_restore_then_convert(tmp_path):
+  from paxgpt.decoding import offline, sampling
+  from paxgpt.model import gpt
+  saved = _saved_for_decoding(tmp_path)
+  part = sharding.Partitioner(sharding.make_mesh(data=2, fsdp=2, tensor=2))  # resharded
+  abstract, shardings = sampling.abstract_params(SPLIT_CONFIG, part)
+  whole = checkpoint.restore_params(tmp_path, sharding.with_shardings(abstract, shardings))
+  want = sampling.decode_params(whole, SPLIT_CONFIG, part)
+  got = offline.restore_decode_params(tmp_path, SPLIT_CONFIG, part)
+  assert "layers" not in got and {"layers_0", "layers_1"} <= set(got)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w, h in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                     jax.tree.leaves(gpt.unstack_layers(saved, SPLIT_CONFIG.num_periods))):
+    assert g.sharding == w.sharding and g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(g), h)
+
+
+def test_leaf_by_leaf_restore_holds_one_stacked_leaf_at_a_time(tmp_path):
+  from paxgpt.decoding import sampling
+  _saved_for_decoding(tmp_path)
+  part = one_device()
+  abstract, shardings = sampling.abstract_params(SPLIT_CONFIG, part)
+  target = sharding.with_shardings(abstract, shardings)
+  stacked = {(x.shape, x.dtype) for x in jax.tree.leaves(abstract["layers"])}
+  split = sampling.period_splitter(SPLIT_CONFIG, part)
+  seen = []  # (stacked arrays alive, bytes of the leaf) at each leaf handed over
+
+  def counting_split(path, leaf):
+    alive = sum((x.shape, x.dtype) in stacked for x in jax.live_arrays())
+    seen.append((alive, leaf.nbytes))
+    return split(path, leaf)
+
+  params = checkpoint.restore_params(tmp_path, target, each_leaf=counting_split)
+  assert len(seen) == len(jax.tree.leaves(abstract))
+  assert max(alive for alive, _ in seen) == 1  # the leaf just read, nothing else stacked
+  sizes = [size for _, size in seen]
+  assert sizes == sorted(sizes, reverse=True)  # largest first
+  assert all(len(p) == SPLIT_CONFIG.num_periods for p in jax.tree.leaves(
+      params["layers"], is_leaf=lambda x: isinstance(x, tuple)))
+  del params
+  # The check can fail: restored at once, every stacked leaf is alive at the first.
+  seen.clear()
+  jax.tree_util.tree_map_with_path(counting_split, checkpoint.restore_params(tmp_path, target))
+  assert seen[0][0] == len(jax.tree.leaves(abstract["layers"])) > 1

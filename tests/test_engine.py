@@ -99,6 +99,7 @@ def test_mixed_rules_in_one_run_give_each_request_its_tokens_alone():
   specs, got, stats = _run(config, params, one_device())
   _check_against_alone(specs, got)
   assert stats.inserts > 1 and stats.requests == len(specs)  # slots were refilled
+  assert stats.shrinks >= 1  # the tail ran in fewer rows
   assert 0 < stats.occupancy <= 1
   # The samples of one prompt differ (their own keys); greedy rows changed nothing.
   samples = [got[i][0] for i, s in enumerate(specs) if s[2] == len(MIXED) - 1]
@@ -110,8 +111,9 @@ def test_slots_spread_over_four_data_replicas_give_the_same_tokens():
   partitioner = mesh_2x2x2()
   _, shardings = sampling.abstract_params(config, partitioner)
   import jax
-  specs, got, _ = _run(config, jax.device_put(params, shardings), partitioner, slots=8)
+  specs, got, stats = _run(config, jax.device_put(params, shardings), partitioner, slots=8)
   _check_against_alone(specs, got)
+  assert stats.shrinks >= 1  # 8 rows to 4, one a replica: rows moved across replicas
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])

@@ -230,7 +230,7 @@ def _run_dir(tmp_path_factory):
 
 def _command(root, output, processes=1):
   args = ["sample", f"--gin.CHECKPOINT_DIR='{root / 'model'}'", "--gin.SampleConfig.seed=11",
-          "--gin.SampleConfig.slots=4", "--gin.SampleConfig.steps_per_call=2",
+          "--gin.SampleConfig.slots=8", "--gin.SampleConfig.steps_per_call=2",
           f"--prompts={root / 'in.jsonl'}", f"--output={output}", "--mesh=data:2,fsdp:2,tensor:1"]
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
          "PYTHON": sys.executable}

@@ -24,7 +24,8 @@ with median 24 (sigma 1) clipped to 4-256, fixed per request. The decoders:
 
 Printed per model: wall seconds, useful output tokens/s (the tokens the requests
 asked for / wall), total tokens/s (prompt + output), slot occupancy (the share of
-decoded slot-tokens a request kept), the ratio to the engine, and how many
+the decoded row-tokens a request kept: the engine's shrunk tail decodes fewer
+rows), the ratio to the engine, and how many
 requests' greedy ids equal the engine's. paxgpt's timings other than "cold"
 exclude compilation (programs compiled by an earlier run of the same shapes).
 A benchmark, not a test.
@@ -129,7 +130,8 @@ def run_engine(engine, work, name):
   stats = engine.stats
   note = (f"prefill {stats.insert_s:.1f} s in {stats.inserts} packs "
           f"({stats.prompt_tokens / max(stats.pack_tokens, 1):.0%} filled), decode "
-          f"{stats.generate_s:.1f} s in {stats.generate_calls} calls")
+          f"{stats.generate_s:.1f} s in {stats.generate_calls} calls, the tail shrunk "
+          f"{stats.shrinks} times")
   return Result(name, wall, ids, stats.occupancy, note)
 
 

@@ -465,13 +465,22 @@ def _model(config: SampleConfig, step):
   return model_config, vocab, spec, model_dir.prompt_start(directory), step
 
 
-def load_decoders(model_config, vocab, checkpoint_dir, step, partitioner, config):
-  """(engine, beam decoder) over one copy of the checkpoint's weights in the
-  decoding layout (converted leaf by leaf as restored: no second copy)."""
+def restore_decode_params(checkpoint_dir, model_config, partitioner, step=None):
+  """Checkpoint `step`'s parameters in the decoding layout, holding about one
+  copy of the weights: read one leaf at a time, largest first, each stacked
+  leaf split into its periods and deleted as soon as it is read, so no whole
+  stacked leaf is held beside the other weights."""
   abstract, shardings = sampling.abstract_params(model_config, partitioner)
   params = checkpoint.restore_params(checkpoint_dir, sharding.with_shardings(abstract, shardings),
-                                     step=step)
-  params = sampling.decode_params(params, model_config, partitioner, consume=True)
+                                     step=step,
+                                     each_leaf=sampling.period_splitter(model_config, partitioner))
+  return sampling.join_periods(params, model_config.num_periods)
+
+
+def load_decoders(model_config, vocab, checkpoint_dir, step, partitioner, config):
+  """(engine, beam decoder) over one copy of the checkpoint's weights in the
+  decoding layout (`restore_decode_params`: no second copy)."""
+  params = restore_decode_params(checkpoint_dir, model_config, partitioner, step)
   slots = -(-config.slots // partitioner.shards("batch")) * partitioner.shards("batch")
   engine = engine_lib.Engine(model_config, params, partitioner, vocab.eos_id, slots=slots,
                              steps_per_call=config.steps_per_call,

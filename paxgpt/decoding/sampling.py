@@ -473,32 +473,54 @@ def init_params(config, partitioner, seed=0):
 def decode_params(params, config, partitioner, *, consume=False):
   """`params` in the unrolled layer layout decoding uses (GPTConfig.scan_layers=
   False); an unrolled tree is returned as is. A scanned tree is converted: with
-  one jitted copy, or with `consume`, leaf by leaf, deleting each stacked array
-  as soon as its periods are sliced out, so the peak is one copy of the weights
-  plus one leaf (the caller's tree is spent)."""
+  one jitted copy, or with `consume`, leaf by leaf (`period_splitter`), so the
+  peak is one copy of the weights plus one leaf (the caller's tree is spent)."""
   if "layers" not in params:
     return params
-  config = dataclasses.replace(config, scan_layers=False)
-  _, shardings = abstract_params(config, partitioner)
-  periods = config.num_periods
   if not consume:
+    config = dataclasses.replace(config, scan_layers=False)
+    _, shardings = abstract_params(config, partitioner)
     with partitioner.activate():
-      return jax.jit(functools.partial(gpt_model.unstack_layers, num_periods=periods),
+      return jax.jit(functools.partial(gpt_model.unstack_layers, num_periods=config.num_periods),
                      out_shardings=shardings)(params)
-  tree = dict(params)
-  leaves, treedef = jax.tree.flatten(tree.pop("layers"))
-  targets = [jax.tree.leaves(shardings[f"layers_{i}"]) for i in range(periods)]
-  split = {}
-  for j in range(len(leaves)):
-    stacked, leaves[j] = leaves[j], None
-    out = tuple(t[j] for t in targets)
-    key = (stacked.shape, stacked.dtype, out)
-    if key not in split:
-      split[key] = jax.jit(lambda x: tuple(x[i] for i in range(periods)), out_shardings=out)
-    leaves[j] = split[key](stacked)
-    stacked.delete()
-  for i in range(periods):
-    tree[f"layers_{i}"] = treedef.unflatten([parts[i] for parts in leaves])
+  split = period_splitter(config, partitioner)
+  return join_periods(jax.tree_util.tree_map_with_path(split, params), config.num_periods)
+
+
+def period_splitter(config, partitioner):
+  """split(path, leaf), for the leaves of a scanned params tree one at a time
+  (decode_params, or a restore that reads leaf by leaf): a leaf under 'layers'
+  becomes the tuple of its periods, placed as the unrolled layout places them,
+  and is deleted, so its memory is free before the next leaf; any other leaf is
+  returned as is. `join_periods` makes the unrolled tree of what it returns."""
+  _, shardings = abstract_params(dataclasses.replace(config, scan_layers=False), partitioner)
+  periods = config.num_periods
+  programs = {}  # one split program per leaf shape and placement
+
+  def split(path, leaf):
+    if getattr(path[0], "key", None) != "layers":
+      return leaf
+    out = tuple(functools.reduce(lambda tree, k: tree[k.key], path[1:], shardings[f"layers_{i}"])
+                for i in range(periods))
+    key = (leaf.shape, leaf.dtype, out)
+    if key not in programs:
+      programs[key] = jax.jit(lambda x: tuple(x[i] for i in range(periods)), out_shardings=out)
+    parts = programs[key](leaf)
+    leaf.delete()
+    return parts
+  return split
+
+
+def join_periods(tree, num_periods):
+  """The unrolled params tree of a scanned one whose 'layers' leaves are
+  `period_splitter`'s tuples of periods; a tree without 'layers' as is."""
+  if "layers" not in tree:
+    return tree
+  tree = dict(tree)
+  split = tree.pop("layers")
+  for i in range(num_periods):
+    tree[f"layers_{i}"] = jax.tree.map(lambda parts: parts[i], split,
+                                       is_leaf=lambda x: isinstance(x, tuple))
   return tree
 
 

@@ -211,10 +211,11 @@ def layer_norm(cfg, name):
                       bias_init=_zeros(("embed",)), name=name)
 
 
-def attend(q, k, v, segment_ids, *, window, backend, interpret, scale=None):
-  """Causal attention through kernels/, one shard per device for the Pallas backends."""
+def attend(q, k, v, segment_ids, *, window, backend, interpret, scale=None, forward_only=False):
+  """Causal attention through kernels/, one shard per device for the Pallas backends.
+  forward_only: a decoder's prefill (see kernels.attention)."""
   call = functools.partial(kernels.attention, causal=True, window=window, backend=backend,
-                           interpret=interpret, sm_scale=scale)
+                           interpret=interpret, sm_scale=scale, forward_only=forward_only)
   if backend in ("tpu", "gpu"):
     if segment_ids is None:
       fn = sharding.shard_map_logical(lambda q, k, v: call(q, k, v), (BATCH_LENGTH_HEADS_KV,) * 3,
@@ -256,7 +257,8 @@ class SelfAttention(nn.Module):
       out = self._attend_cache(q, k, v, window, cache_index)
     else:
       out = attend(q, k, v, segment_ids, window=window, backend=cfg.attention_backend,
-                   interpret=cfg.attention_interpret, scale=cfg.attention_scale)
+                   interpret=cfg.attention_interpret, scale=cfg.attention_scale,
+                   forward_only=self.decode is not None)
       if self.decode in ("prefill", "pack"):  # pack: every layer keeps every position
         self._fill_cache(k, v, window if self.decode == "prefill" else None)
     out = _constrain(out, BATCH_LENGTH_HEADS_KV)

@@ -185,9 +185,11 @@ class Checkpointer:
         preservation_policy=policies.AnyPreservationPolicy(preserve),
         cleanup_tmp_directories=not read_only)
     # params_restore_gb bounds the parameter bytes Orbax reads at once (its default,
-    # 96 GB, reads a whole model into buffers beside the arrays it makes).
+    # 96 GB, reads a whole model into buffers beside the arrays it makes). Only
+    # `restore_params` sets it; it reads with PyTreeRestore, not StandardRestore,
+    # because only that skips leaves (Orbax PLACEHOLDERs), which reading in parts needs.
     handlers = None if params_restore_gb is None else {
-        "params": ocp.StandardCheckpointHandler(restore_concurrent_gb=params_restore_gb)}
+        "params": ocp.PyTreeCheckpointHandler(restore_concurrent_gb=params_restore_gb)}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS,
                                          item_handlers=handlers)
     self._last_save = None
@@ -318,7 +320,8 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(directory, abstract_params, step=None, step_flag="--step"):
+def restore_params(directory, abstract_params, step=None, step_flag="--step", *,
+                   each_leaf=None):
   """The parameters of a run's checkpoint, placed on `shardings`.
 
   directory: a MODEL_DIR (or its checkpoints/ subdirectory).
@@ -327,10 +330,16 @@ def restore_params(directory, abstract_params, step=None, step_flag="--step"):
     the restore reshards.
   step: the checkpoint step; None for the latest.
   step_flag: how the user chooses the step, for the error message.
+  each_leaf: None reads the tree at once. A function (path, array) -> value
+    reads it one leaf at a time, largest first, and keeps each_leaf's value in
+    the leaf's place: a caller that converts leaves (the sampler splits the
+    stacked layers) never holds a whole leaf beside all the converted others.
+    A checkpoint read again (removed while read) is read from its first leaf,
+    so each_leaf must keep nothing of its own.
   Raises UsageError when there is no (such) checkpoint, CheckpointError when it
   cannot be restored (naming the saved steps).
   """
-  return restore_params_at(directory, abstract_params, step, step_flag)[1]
+  return restore_params_at(directory, abstract_params, step, step_flag, each_leaf=each_leaf)[1]
 
 
 # A checkpoint that a live run deletes while it is read (its keep policy, once a
@@ -350,7 +359,8 @@ def _removed(path, wait_s=0.0):
   return True
 
 
-def restore_params_at(directory, abstract_params, step=None, step_flag="--step"):
+def restore_params_at(directory, abstract_params, step=None, step_flag="--step", *,
+                      each_leaf=None):
   """(step, params): `restore_params`, saying which step it restored. A
   checkpoint removed while it was read (a live run keeping the last K) is read
   again from the newest one when `step` is None, else a CheckpointError saying so."""
@@ -369,14 +379,15 @@ def restore_params_at(directory, abstract_params, step=None, step_flag="--step")
       chosen = resolve_step(checkpointer, directory, step)
       path = os.path.join(checkpointer.directory, str(chosen))
       try:
-        restored, error = checkpointer.manager.restore(chosen, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params))), None
+        restored, error = _read_params(checkpointer.manager, chosen, abstract_params,
+                                       each_leaf), None
       except Exception as e:  # pylint: disable=broad-except  (mapped to one line)
         restored, error = None, e
       if not _removed(path, 0.0 if error is None else _REMOVAL_WAIT_S):
         if error is None:
-          return chosen, restored.params
+          return chosen, restored
         raise _unrestorable(checkpointer, chosen, error, abstract_params, step_flag) from None
+      restored = error = None  # free this read (a failed one's traceback holds its leaves)
       checkpointer.manager.reload()
       if step is not None:
         raise CheckpointError(f"checkpoint {path} was removed while being read (a running "
@@ -387,6 +398,33 @@ def restore_params_at(directory, abstract_params, step=None, step_flag="--step")
                           f"fast as they are read (raise its CheckpointConfig.keep)")
   finally:
     checkpointer.close()
+
+
+def _read_params(manager, step, abstract_params, each_leaf):
+  """`abstract_params` read from checkpoint `step`: in one read, or with
+  `each_leaf` one leaf per read, largest first (the rest of the tree Orbax
+  PLACEHOLDERs, which it skips), keeping each_leaf(path, array) in its place.
+  Both ways are the same reads of the same files, so give the same bits."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+  if each_leaf is None:
+    parts = [range(len(flat))]
+  else:  # largest first: the big leaves are converted while little else is held
+    parts = [[i] for i in sorted(range(len(flat)),
+                                 key=lambda i: -flat[i][1].size * flat[i][1].dtype.itemsize)]
+  values = [None] * len(flat)
+  for part in parts:
+    wanted = set(part)
+    item = treedef.unflatten([leaf if i in wanted else ocp.PLACEHOLDER
+                              for i, (_, leaf) in enumerate(flat)])
+    read = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
+    leaves = treedef.flatten_up_to(read.params)
+    del read
+    for i in part:
+      values[i], leaves[i] = leaves[i], None
+      if each_leaf is not None:
+        values[i] = each_leaf(flat[i][0], values[i])
+  return treedef.unflatten(values)
 
 
 def _check_divides(abstract_params):
