@@ -9,12 +9,14 @@ JetStream's prefill / insert / generate):
             segment ids, positions from each prompt's start, MaxText's offline
             engine's packing) in one forward pass, chooses each prompt's first
             token and writes its keys, values, tokens and settings into its
-            slot. The pack's width is a power of two (a few compiled programs).
+            slot. The pack's width is a power of two up to 128, a multiple of
+            128 above (a few compiled programs, little padding).
   generate  decodes `steps_per_call` tokens for every running slot in a
             lax.while_loop that ends early when no slot runs. Each slot feeds
             its own position (CacheIndex with per-row positions): dense layers
             write at the position, banded rings at position mod W, and attention
             reads the row's own keys only (kernels.decode_attention).
+  compact   the tail's state in fewer rows and a shorter cache (see below).
 Host side, `Engine.run`: between calls it reads the new tokens, ends requests
 (EOS and max_tokens as the device does, stop strings by the request's `stop`
 test, sent to the device as a mask with the next call), frees their slots and
