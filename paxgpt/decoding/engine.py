@@ -311,7 +311,7 @@ class Stats:
   prompt_tokens: int = 0  # real prompt tokens prefilled
   pack_tokens: int = 0  # pack positions computed (G x T per insert)
   generate_calls: int = 0
-  shrinks: int = 0  # times the tail moved into fewer rows or a shorter cache
+  shrinks: int = 0  # times the tail moved into fewer rows (and a shorter cache)
   decode_steps: int = 0  # steps the generate loops ran
   slot_steps: int = 0  # decode steps x the rows they ran (fewer in a shrunk tail)
   useful_tokens: int = 0  # tokens requests kept (first tokens included)
@@ -478,19 +478,20 @@ class Engine:
         take(slot, column[column != PAD_ID])
 
   def _shrink(self, state, held, stop, requests):
-    """The tail of a run (nothing pending): the running requests moved into the
-    fewest rows (the slots halved while they fit, a multiple of the replicas) and
-    the cache cut to the positions they need, when either is smaller; the tail's
-    steps then cost what it uses, not what the full batch did. (state, held, stop):
-    a slot a stop test ended is not held, so it becomes an EMPTY row or is left out."""
+    """The tail of a run (nothing pending): once the running requests fit in half
+    the rows, they move into the fewest rows (the slots halved while they fit, a
+    multiple of the replicas) and the cache is cut to the positions they need;
+    the tail's steps then cost what it uses, not what the full batch did, for at
+    most log2(slots) more compiled shapes. (state, held, stop): a slot a stop
+    test ended is not held, so it becomes an EMPTY row or is left out."""
     active = [s for s, index in enumerate(held) if index is not None]
     rows = len(held)
     fits = lambda half: half >= len(active) and half % self.groups == 0
     while active and rows % 2 == 0 and fits(rows // 2):
       rows //= 2
-    capacity = self.capacity([requests[held[s]] for s in active]) if active else 0
-    if not active or (rows == len(held) and capacity >= state.tokens.shape[1]):
+    if not active or rows == len(held):  # the cache is cut with a halving: fewer programs
       return state, held, stop
+    capacity = min(self.capacity([requests[held[s]] for s in active]), state.tokens.shape[1])
     order = (active + [s for s, index in enumerate(held) if index is None])[:rows]
     keep = np.array([held[s] is not None for s in order])
     abstract = jax.eval_shape(functools.partial(compact, capacity=capacity), state,
